@@ -1,0 +1,109 @@
+"""Causal self-attention with n_kv_heads (MHA / GQA / MQA) and every position scheme.
+
+Shapes are named in variable suffixes: B batch, T query length, S key length,
+D d_model, N query heads, K key/value heads, H head size.
+
+Position schemes act in three different places, which is the point to learn:
+- "learned" / "sinusoidal" are added to the token embeddings (see model.py);
+- "rope" rotates queries and keys, so q·k depends on the offset only (PaLM §2);
+- "relative" / "alibi" add a per-head bias to the attention logits (Gopher, GLaM; Press et al.).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from palmlite.config import ModelConfig
+from palmlite.layers import Dense, normal_param
+
+
+# ---- RoPE (Su et al. 2021; PaLM §2) -----------------------------------------------------
+def apply_rope(x_BxTxNxH: jax.Array, pos_BxT: jax.Array, theta: float) -> jax.Array:
+    """Rotate each (first-half, second-half) pair of features by angle pos / theta^(2i/H)."""
+    half = x_BxTxNxH.shape[-1] // 2
+    freq_F = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle_BxTx1xF = (pos_BxT.astype(jnp.float32)[..., None] * freq_F)[:, :, None, :]
+    sin, cos = jnp.sin(angle_BxTx1xF), jnp.cos(angle_BxTx1xF)
+    x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+    return out.astype(x_BxTxNxH.dtype)
+
+
+# ---- attention-logit biases: relative (T5 / Gopher family) and ALiBi --------------------
+def relative_bucket(offset: jax.Array, n_buckets: int, max_distance: int) -> jax.Array:
+    """T5's causal bucketing of offset = q_pos - k_pos >= 0.
+
+    Half of the buckets hold exact small offsets; the other half are log-spaced up to
+    ``max_distance``, beyond which every offset shares the last bucket.
+    """
+    offset = jnp.maximum(offset, 0)
+    exact = n_buckets // 2
+    log_ratio = jnp.log(jnp.maximum(offset, 1) / exact) / math.log(max_distance / exact)
+    far = exact + (log_ratio * (n_buckets - exact)).astype(jnp.int32)
+    return jnp.where(offset < exact, offset, jnp.minimum(far, n_buckets - 1))
+
+
+class RelativePositionBias(nnx.Module):
+    """A learned bias per (bucketed offset, head), shared by all layers as in T5."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        # Small random init: a mild, learnable preference per head and distance.
+        self.table_RxN = normal_param(rngs, cfg, (cfg.relative_buckets, cfg.n_heads),
+                                      (None, "heads"), std=0.1 * cfg.init_scale)
+
+    def __call__(self, q_pos_BxT: jax.Array, k_pos_BxS: jax.Array) -> jax.Array:
+        offset_BxTxS = q_pos_BxT[:, :, None] - k_pos_BxS[:, None, :]
+        bucket = relative_bucket(offset_BxTxS, self.cfg.relative_buckets,
+                                 self.cfg.relative_max_distance)
+        return jnp.moveaxis(self.table_RxN[...][bucket], -1, 1)  # -> B x N x T x S
+
+
+def alibi_slopes(n_heads: int) -> jax.Array:
+    """Head slopes 2^(-8 i / n) (Press et al. 2022), interleaved when n is not a power of 2."""
+    def powers(n):
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+    p = 2 ** math.floor(math.log2(n_heads))
+    slopes = powers(p) + powers(2 * p)[0::2][: n_heads - p]
+    return jnp.asarray(slopes, jnp.float32)
+
+
+def alibi_bias(q_pos_BxT: jax.Array, k_pos_BxS: jax.Array, n_heads: int) -> jax.Array:
+    """-slope_n * (q_pos - k_pos): a fixed linear penalty on distance, no parameters."""
+    offset_BxTxS = (q_pos_BxT[:, :, None] - k_pos_BxS[:, None, :]).astype(jnp.float32)
+    return -alibi_slopes(n_heads)[None, :, None, None] * offset_BxTxS[:, None]
+
+
+# ---- the attention layer ------------------------------------------------------------------
+class Attention(nnx.Module):
+    """Queries have N heads; keys and values K heads shared by groups of N / K queries."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_size
+        out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)  # GPT-2 §2.3: residual branches
+        self.q = Dense(cfg, (D,), (N, H), ("embed",), ("heads", "head_dim"), rngs=rngs)
+        self.k = Dense(cfg, (D,), (K, H), ("embed",), ("kv_heads", "head_dim"), rngs=rngs)
+        self.v = Dense(cfg, (D,), (K, H), ("embed",), ("kv_heads", "head_dim"), rngs=rngs)
+        self.o = Dense(cfg, (N, H), (D,), ("heads", "head_dim"), ("embed",), rngs=rngs,
+                       scale=out_scale)
+
+    def __call__(self, x_BxTxD: jax.Array, pos_BxT: jax.Array,
+                 bias_BxNxTxS: jax.Array | None) -> jax.Array:
+        q_BxTxNxH = self.q(x_BxTxD)
+        k_BxSxKxH = self.k(x_BxTxD)
+        v_BxSxKxH = self.v(x_BxTxD)
+        if self.cfg.position == "rope":
+            q_BxTxNxH = apply_rope(q_BxTxNxH, pos_BxT, self.cfg.rope_theta)
+            k_BxSxKxH = apply_rope(k_BxSxKxH, pos_BxT, self.cfg.rope_theta)
+        if bias_BxNxTxS is not None:
+            bias_BxNxTxS = bias_BxNxTxS.astype(q_BxTxNxH.dtype)
+        # jax.nn.dot_product_attention groups the N query heads over the K shared
+        # key/value heads itself (no repeated K/V) and picks cuDNN flash kernels on GPU.
+        out_BxTxNxH = jax.nn.dot_product_attention(
+            q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, bias=bias_BxNxTxS, is_causal=True)
+        return self.o(out_BxTxNxH)

@@ -1,0 +1,146 @@
+"""ModelConfig: every architectural choice of PaLM / Gopher / GPT-2 as one named field.
+
+The config is the single source of truth: the model, the parameter and FLOP
+accounting and the CLI all read it, and nothing else decides an architectural
+choice. It validates itself on construction, before any JAX code runs, so a
+typo costs a clear ``ValueError`` instead of a confusing trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+NORMS = ("rmsnorm", "layernorm")
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
+GATED_ACTIVATIONS = ("swiglu", "geglu")
+BLOCKS = ("parallel", "serial")
+POSITIONS = ("rope", "learned", "sinusoidal", "relative", "alibi", "none")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only Transformer. The defaults are PaLM's choices at a laptop size.
+
+    ``position="relative"`` is a learned, bucketed per-head bias on the attention
+    logits (T5-style, one table shared by all layers): the relative-position family
+    that Gopher (Transformer-XL style) and GLaM used instead of absolute positions.
+
+    Init: kernels N(0, init_scale² / fan_in), residual-branch outputs further scaled by
+    1/sqrt(2 n_layers) (GPT-2 §2.3); embeddings N(0, embed_init_std²). PaLM initialised
+    embeddings N(0, 1); with tied embeddings behind a final norm this makes the *current*
+    token's logit ≈ sqrt(d_model) at init, so the first loss sits far above ln(vocab). The
+    default 0.02 keeps every logit small: the loss at init is ≈ ln(vocab_size).
+    """
+
+    vocab_size: int = 8192  # tokenizer size; PaLM 256k, Gopher 32k
+    d_model: int = 128  # width of the residual stream
+    n_layers: int = 4  # number of Transformer blocks
+    n_heads: int = 4  # query heads
+    n_kv_heads: int = 1  # key/value heads: == n_heads MHA, 1 multi-query (PaLM §2), else grouped
+    head_dim: int | None = None  # None -> d_model // n_heads; PaLM fixes 256 at every size
+    d_ff: int = 512  # hidden width of the MLP; PaLM and GPT-2 use 4 * d_model
+    max_seq_len: int = 256  # longest sequence (size of learned position table)
+    norm: str = "rmsnorm"  # "rmsnorm" (Gopher §2) | "layernorm" (GPT-2, PaLM)
+    activation: str = "swiglu"  # "swiglu" (PaLM §2) | "geglu" | "gelu" (GPT-2) | "relu"
+    block: str = "parallel"  # "parallel" attn+MLP from one norm (PaLM §2) | "serial"
+    position: str = "rope"  # "rope" (PaLM) | "learned" (GPT-2) | "sinusoidal" | "relative" | "alibi" | "none"
+    tie_embeddings: bool = True  # share input and output embedding (PaLM §2)
+    use_bias: bool = False  # biases in dense kernels and norms; PaLM: none
+    dtype: str = "float32"  # compute dtype of activations
+    param_dtype: str = "float32"  # storage dtype of parameters
+    rope_theta: float = 10000.0  # RoPE base wavelength (Su et al. 2021)
+    norm_eps: float = 1e-6  # epsilon inside RMSNorm / LayerNorm
+    relative_buckets: int = 32  # buckets of the relative bias (T5 default)
+    relative_max_distance: int = 128  # distance from which all offsets share one bucket
+    embed_init_std: float = 0.02  # GPT-2's 0.02 (PaLM's N(0,1): see the class docstring)
+    init_scale: float = 1.0  # multiplies the fan-in (1/sqrt(fan_in)) std of every kernel
+
+    def __post_init__(self):
+        self.validate()
+
+    # ---- derived sizes -------------------------------------------------------------
+    @property
+    def head_size(self) -> int:
+        """The resolved head dimension (``head_dim`` or ``d_model // n_heads``)."""
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def gated(self) -> bool:
+        """SwiGLU/GEGLU have a third (gate) matrix in the MLP."""
+        return self.activation in GATED_ACTIVATIONS
+
+    # ---- validation ----------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field, its value and what is allowed."""
+        for f in dataclasses.fields(self):
+            _check_type(f, getattr(self, f.name))
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
+                     "d_ff", "max_seq_len", "relative_buckets", "relative_max_distance"):
+            _require(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
+        if self.head_dim is not None:
+            _require(self.head_dim > 0, "head_dim", self.head_dim, "a positive integer or None")
+        for name in ("rope_theta", "norm_eps", "init_scale"):
+            _require(getattr(self, name) > 0, name, getattr(self, name), "a positive number")
+        _require(self.embed_init_std >= 0, "embed_init_std", self.embed_init_std, "a number >= 0")
+        for name, allowed in (("norm", NORMS), ("activation", ACTIVATIONS), ("block", BLOCKS),
+                              ("position", POSITIONS), ("dtype", DTYPES), ("param_dtype", DTYPES)):
+            _require(getattr(self, name) in allowed, name, getattr(self, name), f"one of {allowed}")
+        _require(self.n_kv_heads <= self.n_heads and self.n_heads % self.n_kv_heads == 0,
+                 "n_kv_heads", self.n_kv_heads,
+                 f"a divisor of n_heads={self.n_heads} (n_heads for MHA, 1 for multi-query)")
+        if self.head_dim is None:
+            _require(self.d_model % self.n_heads == 0, "n_heads", self.n_heads,
+                     f"a divisor of d_model={self.d_model} when head_dim is None")
+        if self.position == "rope":
+            _require(self.head_size % 2 == 0, "head_dim", self.head_size,
+                     "an even head size with position='rope' (rotation acts on pairs)")
+        if self.position == "sinusoidal":
+            _require(self.d_model % 2 == 0, "d_model", self.d_model,
+                     "an even width with position='sinusoidal' (sin/cos pairs)")
+        if self.position == "relative":
+            _require(self.relative_buckets >= 2, "relative_buckets", self.relative_buckets,
+                     "at least 2 (half exact offsets, half log-spaced)")
+            _require(self.relative_max_distance > self.relative_buckets // 2,
+                     "relative_max_distance", self.relative_max_distance,
+                     f"more than relative_buckets // 2 = {self.relative_buckets // 2}")
+
+    # ---- copies and serialisation --------------------------------------------------
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A validated copy with ``changes`` applied; unknown names raise ``ValueError``."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"ModelConfig has no field(s) {unknown}; valid fields: {field_names()}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Inverse of ``to_dict``; unknown keys raise ``ValueError`` listing the valid ones."""
+        return cls().replace(**d)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(ModelConfig)]
+
+
+def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"ModelConfig.{name}={value!r} is invalid: expected {allowed}")
+
+
+_TYPES = {"int": (int,), "int | None": (int, type(None)), "float": (int, float), "bool": (bool,),
+          "str": (str,)}
+
+
+def _check_type(f: dataclasses.Field, value: Any) -> None:
+    """Type-check one field: ``True`` is not an int and ``2.5`` is not a layer count."""
+    allowed = _TYPES[f.type]
+    ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+    if ok and isinstance(value, float):
+        ok = math.isfinite(value)
+    _require(ok, f.name, value, f"a finite value of type {f.type}")

@@ -1,0 +1,74 @@
+"""The two building bricks every module uses: a dense (einsum) layer and a norm.
+
+Every parameter is created here with its **logical axis names** (``vocab``, ``embed``,
+``heads``, ``kv_heads``, ``head_dim``, ``mlp``) as ``out_sharding`` metadata, so a
+device mesh can later shard the model by rules alone (``nnx.get_partition_spec``).
+Parameters are stored in ``cfg.param_dtype`` and cast to ``cfg.dtype`` for compute.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from palmlite.config import ModelConfig
+
+
+def make_param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
+    """A parameter annotated with logical axes (eager sharding off: no mesh needed here)."""
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def normal_param(rngs: nnx.Rngs, cfg: ModelConfig, shape: tuple[int, ...],
+                 axes: tuple[str | None, ...], std: float) -> nnx.Param:
+    value = std * jax.random.normal(rngs.params(), shape, jnp.dtype(cfg.param_dtype))
+    return make_param(value, axes)
+
+
+class Dense(nnx.Module):
+    """y = x · W (+ b), contracting the trailing ``in_shape`` dims of x.
+
+    Kernels are multi-dimensional (e.g. D -> N x H for queries) so that heads are a
+    real axis a mesh can split. Init: N(0, (init_scale * scale)^2 / fan_in).
+    """
+
+    def __init__(self, cfg: ModelConfig, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+                 in_axes: tuple[str, ...], out_axes: tuple[str, ...], *, rngs: nnx.Rngs,
+                 scale: float = 1.0):
+        self.n_in = len(in_shape)
+        self.dtype = jnp.dtype(cfg.dtype)
+        std = cfg.init_scale * scale / math.sqrt(math.prod(in_shape))
+        self.kernel = normal_param(rngs, cfg, in_shape + out_shape, in_axes + out_axes, std)
+        zeros = jnp.zeros(out_shape, jnp.dtype(cfg.param_dtype))
+        self.bias = make_param(zeros, out_axes) if cfg.use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.n_in)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Norm(nnx.Module):
+    """RMSNorm (Gopher §2: rescale only) or LayerNorm (centre, then rescale); in float32."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.kind, self.eps, self.dtype = cfg.norm, cfg.norm_eps, jnp.dtype(cfg.dtype)
+        pdtype = jnp.dtype(cfg.param_dtype)
+        self.scale = make_param(jnp.ones((cfg.d_model,), pdtype), ("embed",))
+        # RMSNorm has no bias by definition; LayerNorm has one unless biases are off (PaLM).
+        has_bias = cfg.norm == "layernorm" and cfg.use_bias
+        self.bias = make_param(jnp.zeros((cfg.d_model,), pdtype), ("embed",)) if has_bias else None
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        x = x_BxTxD.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x = x - x.mean(-1, keepdims=True)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps)
+        x = x * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            x = x + self.bias[...].astype(jnp.float32)
+        return x.astype(self.dtype)

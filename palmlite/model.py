@@ -1,0 +1,88 @@
+"""The decoder: embeddings -> n_layers blocks (serial | parallel) -> norm -> logits.
+
+Read top to bottom, this file is PaLM §2 with each of its choices behind a config field:
+the block (parallel vs serial), the positions (added here or inside attention), tied
+embeddings and biases. Shapes: B batch, T length, D d_model, V vocab, N heads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from palmlite.attention import Attention, RelativePositionBias, alibi_bias
+from palmlite.config import ModelConfig
+from palmlite.layers import Norm, normal_param
+from palmlite.mlp import MLP
+
+
+def sinusoidal_embedding(pos_BxT: jax.Array, d_model: int) -> jax.Array:
+    """Fixed sin/cos position features of 'Attention Is All You Need' §3.5."""
+    half = d_model // 2
+    freq_F = 10000.0 ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle_BxTxF = pos_BxT.astype(jnp.float32)[..., None] * freq_F
+    return jnp.concatenate([jnp.sin(angle_BxTxF), jnp.cos(angle_BxTxF)], axis=-1)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.parallel = cfg.block == "parallel"
+        self.attn_norm = Norm(cfg)
+        self.attn = Attention(cfg, rngs=rngs)
+        # PaLM's parallel block feeds attention and MLP from the same normalised input.
+        self.mlp_norm = None if self.parallel else Norm(cfg)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x_BxTxD, pos_BxT, bias_BxNxTxS):
+        if self.parallel:  # PaLM §2: y = x + Attn(LN(x)) + MLP(LN(x)); ~15% faster at scale
+            h_BxTxD = self.attn_norm(x_BxTxD)
+            return x_BxTxD + self.attn(h_BxTxD, pos_BxT, bias_BxNxTxS) + self.mlp(h_BxTxD)
+        # serial (GPT-2, Gopher): y = x + MLP(LN(x + Attn(LN(x))))
+        x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), pos_BxT, bias_BxNxTxS)
+        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+
+
+class Transformer(nnx.Module):
+    """``Transformer(cfg, rngs=nnx.Rngs(seed))(tokens_BxT) -> float32 logits_BxTxV``."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D = cfg.d_model
+        self.embed_VxD = normal_param(rngs, cfg, (cfg.vocab_size, D), ("vocab", "embed"),
+                                      cfg.embed_init_std)
+        learned, relative = cfg.position == "learned", cfg.position == "relative"
+        # GPT-2: a learned vector per absolute position.
+        self.pos_embed_TxD = normal_param(rngs, cfg, (cfg.max_seq_len, D), (None, "embed"),
+                                          cfg.embed_init_std) if learned else None
+        self.relative_bias = RelativePositionBias(cfg, rngs=rngs) if relative else None
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = Norm(cfg)
+        # An untied output embedding starts like the input one, so logits start small.
+        self.unembed_DxV = None if cfg.tie_embeddings else normal_param(
+            rngs, cfg, (D, cfg.vocab_size), ("embed", "vocab"), cfg.embed_init_std)
+
+    def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None) -> jax.Array:
+        cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+        if positions_BxT is None:
+            positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+        x_BxTxD = self.embed_VxD[...][tokens_BxT].astype(dtype)
+        if cfg.position == "learned":
+            x_BxTxD = x_BxTxD + self.pos_embed_TxD[...][positions_BxT].astype(dtype)
+        elif cfg.position == "sinusoidal":
+            x_BxTxD = x_BxTxD + sinusoidal_embedding(positions_BxT, cfg.d_model).astype(dtype)
+        bias_BxNxTxS = None  # relative / ALiBi: one bias for all layers, computed once
+        if cfg.position == "relative":
+            bias_BxNxTxS = self.relative_bias(positions_BxT, positions_BxT)
+        elif cfg.position == "alibi":
+            bias_BxNxTxS = alibi_bias(positions_BxT, positions_BxT, cfg.n_heads)
+        for block in self.blocks:
+            x_BxTxD = block(x_BxTxD, positions_BxT, bias_BxNxTxS)
+        x_BxTxD = self.final_norm(x_BxTxD)
+        if cfg.tie_embeddings:  # PaLM §2: shared embedding, logits scaled by 1/sqrt(D)
+            w_DxV = self.embed_VxD[...].T / math.sqrt(cfg.d_model)
+        else:
+            w_DxV = self.unembed_DxV[...]
+        return jnp.dot(x_BxTxD, w_DxV.astype(dtype), preferred_element_type=jnp.float32)

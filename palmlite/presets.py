@@ -1,0 +1,74 @@
+"""Named model sizes: the papers' tables and teaching sizes for a laptop CPU.
+
+``presets.get(name)`` returns a validated ``ModelConfig``; ``presets.names()`` lists them.
+Paper shapes come from PaLM Table 1, Gopher Table 1 and GPT-2 (Radford et al. 2019).
+"""
+
+from __future__ import annotations
+
+from palmlite.config import ModelConfig
+
+# PaLM §2: SwiGLU, parallel blocks, multi-query, RoPE, tied embeddings, no biases,
+# 256k vocabulary, head size 256 at every scale, d_ff = 4 d_model, 2048 context.
+PALM = dict(vocab_size=256_000, n_kv_heads=1, head_dim=256, max_seq_len=2048, norm="layernorm",
+            activation="swiglu", block="parallel", position="rope", tie_embeddings=True,
+            use_bias=False)
+# Gopher §2: RMSNorm, relative positions, 32k vocabulary, serial blocks, GELU MLP of 4 d_model.
+GOPHER = dict(vocab_size=32_000, max_seq_len=2048, norm="rmsnorm", activation="gelu",
+              block="serial", position="relative", tie_embeddings=True, use_bias=False)
+# GPT-2: learned positions, GELU, serial, LayerNorm with biases everywhere, tied, 1024 context.
+GPT2 = dict(vocab_size=50_257, max_seq_len=1024, norm="layernorm", activation="gelu",
+            block="serial", position="learned", tie_embeddings=True, use_bias=True)
+# Teaching sizes: PaLM's toggles (the ModelConfig defaults), small enough for a laptop CPU.
+TEACHING = dict(vocab_size=8192, n_kv_heads=1, norm="rmsnorm")
+
+
+def _palm(n_layers, n_heads, d_model):
+    return dict(PALM, n_layers=n_layers, n_heads=n_heads, d_model=d_model, d_ff=4 * d_model)
+
+
+def _gopher(n_layers, n_heads, head_dim, d_model):
+    return dict(GOPHER, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads,
+                head_dim=head_dim, d_model=d_model, d_ff=4 * d_model)
+
+
+def _gpt2(n_layers, n_heads, d_model):
+    return dict(GPT2, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads, d_model=d_model,
+                d_ff=4 * d_model)
+
+
+def _teaching(n_layers, n_heads, d_model, max_seq_len):
+    return dict(TEACHING, n_layers=n_layers, n_heads=n_heads, d_model=d_model,
+                d_ff=4 * d_model, max_seq_len=max_seq_len)
+
+
+_PRESETS: dict[str, dict] = {
+    "tiny": _teaching(2, 4, 64, 128),
+    "small": _teaching(4, 4, 128, 256),
+    "medium": _teaching(6, 8, 256, 256),
+    "large": _teaching(8, 8, 512, 512),
+    "palm-8b": _palm(32, 16, 4096),
+    "palm-62b": _palm(64, 32, 8192),
+    "palm-540b": _palm(118, 48, 18432),
+    "gopher-44m": _gopher(8, 16, 32, 512),
+    "gopher-117m": _gopher(12, 12, 64, 768),
+    "gopher-417m": _gopher(12, 12, 128, 1536),
+    "gopher-1.4b": _gopher(24, 16, 128, 2048),
+    "gopher-7.1b": _gopher(32, 32, 128, 4096),
+    "gopher-280b": _gopher(80, 128, 128, 16384),
+    "gpt2-124m": _gpt2(12, 12, 768),
+    "gpt2-350m": _gpt2(24, 16, 1024),
+    "gpt2-774m": _gpt2(36, 20, 1280),
+    "gpt2-1.5b": _gpt2(48, 25, 1600),
+}
+
+
+def names() -> list[str]:
+    return list(_PRESETS)
+
+
+def get(name: str, **overrides) -> ModelConfig:
+    """The preset ``name`` (with optional field overrides), validated."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available presets: {names()}")
+    return ModelConfig(**{**_PRESETS[name], **overrides})
