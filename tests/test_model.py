@@ -1,0 +1,153 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from palmlite import ModelConfig, Transformer, cross_entropy_and_z_loss
+from palmlite.config import ACTIVATIONS, BLOCKS, NORMS, POSITIONS
+
+SMALL = dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
+             max_seq_len=16)
+LOGICAL_AXES = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", None}
+
+
+def build(seed=0, **changes):
+    return Transformer(ModelConfig(**{**SMALL, **changes}), rngs=nnx.Rngs(seed))
+
+
+def tokens(seed=0, shape=(2, 12), vocab=SMALL["vocab_size"]):
+    return jax.random.randint(jax.random.key(seed), shape, 0, vocab)
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("position", POSITIONS)
+def test_causality(position, block):
+    """Changing token t never changes the logits before t (and does change them at t)."""
+    model = build(position=position, block=block)
+    x = tokens()
+    base = model(x)
+    for t in (0, 5, 11):
+        changed = x.at[:, t].set((x[:, t] + 1) % SMALL["vocab_size"])
+        out = model(changed)
+        np.testing.assert_array_equal(out[:, :t], base[:, :t])
+        assert not np.allclose(out[:, t], base[:, t])
+
+
+TOGGLES = ([("norm", v) for v in NORMS] + [("activation", v) for v in ACTIVATIONS]
+           + [("block", v) for v in BLOCKS] + [("position", v) for v in POSITIONS]
+           + [("tie_embeddings", v) for v in (True, False)] + [("use_bias", v) for v in (True, False)]
+           + [("n_kv_heads", v) for v in (1, 2, 4)] + [("dtype", "bfloat16"),
+                                                     ("param_dtype", "bfloat16")])
+
+
+@pytest.mark.parametrize("field,value", TOGGLES, ids=[f"{f}={v}" for f, v in TOGGLES])
+def test_every_toggle_runs_forward_and_backward_with_finite_results(field, value):
+    model = build(**{field: value})
+    x = tokens()
+
+    def loss_fn(m):
+        ce, z = cross_entropy_and_z_loss(m(x[:, :-1]), x[:, 1:])
+        return ce + 1e-4 * z
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    assert model(x).dtype == jnp.float32 and model(x).shape == (2, 12, SMALL["vocab_size"])
+    assert np.isfinite(float(loss))
+    leaves = jax.tree.leaves(grads)
+    assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    assert sum(float(jnp.abs(g.astype(jnp.float32)).sum()) > 0 for g in leaves) == len(leaves)
+
+
+def test_compute_and_parameter_dtypes():
+    model = build(dtype="bfloat16", param_dtype="float32")
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert model(tokens()).dtype == jnp.float32  # logits always float32
+    model = build(param_dtype="bfloat16")
+    assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_loss_at_init_is_close_to_log_vocab():
+    for tie in (True, False):
+        model = build(vocab_size=512, tie_embeddings=tie)
+        x = tokens(shape=(4, 16), vocab=512)
+        ce, _ = cross_entropy_and_z_loss(model(x[:, :-1]), x[:, 1:])
+        assert abs(float(ce) - math.log(512)) < 0.15, (tie, float(ce))
+
+
+def test_determinism_for_a_fixed_seed():
+    x = tokens()
+    np.testing.assert_array_equal(build(seed=3)(x), build(seed=3)(x))
+    assert not np.allclose(build(seed=3)(x), build(seed=4)(x))
+
+
+def test_every_parameter_carries_logical_axis_names():
+    model = build(position="relative", use_bias=True, norm="layernorm", tie_embeddings=False)
+    for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        axes = param.get_metadata()["out_sharding"]
+        assert len(axes) == param[...].ndim, path
+        assert set(axes) <= LOGICAL_AXES, path
+    kernel = model.blocks[0].attn.k.kernel
+    assert kernel.get_metadata()["out_sharding"] == ("embed", "kv_heads", "head_dim")
+
+
+def _copy_with_repeated_kv(gqa: Transformer, mha: Transformer) -> None:
+    """Give ``mha`` gqa's weights, each shared K/V head repeated for its group of queries."""
+    state = nnx.state(gqa, nnx.Param)
+    group = mha.cfg.n_heads // gqa.cfg.n_kv_heads
+    for i in range(gqa.cfg.n_layers):
+        for name in ("k", "v"):
+            kernel = state["blocks"][i]["attn"][name]["kernel"]
+            kernel.set_value(jnp.repeat(kernel[...], group, axis=1))
+    nnx.update(mha, state)
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2])
+@pytest.mark.parametrize("position", ["rope", "alibi"])
+def test_grouped_and_multi_query_equal_mha_with_tied_kv_heads(n_kv_heads, position):
+    """MQA/GQA is MHA whose K/V weights are shared across each group of query heads."""
+    gqa = build(n_kv_heads=n_kv_heads, position=position)
+    mha = build(seed=1, n_kv_heads=SMALL["n_heads"], position=position)
+    _copy_with_repeated_kv(gqa, mha)
+    x = tokens()
+    np.testing.assert_allclose(gqa(x), mha(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("position", ["rope", "relative", "alibi", "none"])
+def test_relative_schemes_are_invariant_to_a_shift_of_all_positions(position):
+    """RoPE, relative bias and ALiBi see only offsets: shifting every position changes nothing."""
+    model = build(position=position, max_seq_len=64)
+    x = tokens()
+    pos = jnp.broadcast_to(jnp.arange(12), x.shape)
+    np.testing.assert_allclose(model(x, pos + 37), model(x, pos), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("position", ["learned", "sinusoidal"])
+def test_absolute_schemes_depend_on_absolute_position(position):
+    model = build(position=position, max_seq_len=64)
+    x = tokens()
+    pos = jnp.broadcast_to(jnp.arange(12), x.shape)
+    assert not np.allclose(model(x, pos + 37), model(x, pos), atol=1e-3)
+
+
+def test_parallel_and_serial_blocks_differ_with_the_same_weights():
+    parallel = build(block="parallel")
+    serial = build(block="serial")
+    nnx.update(serial, nnx.state(parallel, nnx.Param))  # serial's extra mlp_norm stays at 1
+    x = tokens()
+    assert not np.allclose(parallel(x), serial(x), atol=1e-4)
+
+
+def test_jit_compiles_once_per_shape():
+    model = build()
+    traces = []
+
+    @nnx.jit
+    def forward(m, x):
+        traces.append(1)
+        return m(x)
+
+    for seed in range(3):
+        forward(model, tokens(seed))
+    assert len(traces) == 1
