@@ -1,0 +1,27 @@
+import subprocess
+import sys
+
+from palmlite import cli, presets
+
+
+def test_presets_table_lists_every_preset_with_its_counts(capsys):
+    assert cli.main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for name in presets.names():
+        assert name in out
+    row = next(line for line in out.splitlines() if line.startswith("gpt2-124m"))
+    assert "124.44M" in row
+    row = next(line for line in out.splitlines() if line.startswith("palm-8b"))
+    assert "8.63B" in row and "32.77kB" in row  # 2 x 32 layers x 1 kv head x 256 x 2 bytes
+
+
+def test_console_script_runs():
+    result = subprocess.run([sys.executable, "-m", "palmlite.cli", "presets"],
+                            capture_output=True, text=True, check=True)
+    assert "palm-540b" in result.stdout
+
+
+def test_unknown_command_exits_non_zero():
+    result = subprocess.run([sys.executable, "-m", "palmlite.cli", "trian"],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "invalid choice" in result.stderr
