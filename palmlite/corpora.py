@@ -1,0 +1,164 @@
+"""Text corpora by name or path: offline by default, downloads verified by sha256.
+
+``load_corpus(name_or_path)`` returns a ``Corpus``: documents as strings plus a content
+fingerprint that every dataset and run records. Names:
+
+- ``"pystdlib"`` (default): this Python's standard-library sources (no tests, no
+  site-packages), ~12 MB of real human-written code, always present, no network.
+- ``"pydocs"``: the English reference prose shipped with Python (``pydoc_data.topics``).
+- ``"arithmetic"``: seeded synthetic problems such as ``4821+97=4918`` (see arithmetic.py).
+- ``"tinyshakespeare"`` (and any name in ``DOWNLOADS``): fetched once over HTTPS into the
+  cache directory and checked against its sha256.
+- ``"tinystories"`` or ``"hf:OWNER/NAME"``: a Hugging Face dataset, when the optional
+  ``datasets`` package is installed.
+- anything else: a local file, directory or glob of UTF-8 text files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import os
+import sysconfig
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from palmlite import arithmetic
+from palmlite.files import atomic_path, cache_dir, sha256_file
+
+OFFLINE = ("pystdlib", "pydocs", "arithmetic")
+
+
+@dataclasses.dataclass(frozen=True)
+class Download:
+    url: str
+    sha256: str
+
+
+DOWNLOADS = {
+    # Karpathy's char-rnn Tiny Shakespeare: 1,115,394 bytes.
+    "tinyshakespeare": Download(
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
+}
+HF_ALIASES = {"tinystories": "roneneldan/TinyStories"}
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Corpus:
+    name: str
+    documents: tuple[str, ...]
+
+    def __post_init__(self):
+        if not any(self.documents):
+            raise ValueError(f"corpus {self.name!r} is empty: it has no non-empty document")
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the documents' UTF-8 bytes, each prefixed by its length."""
+        digest = hashlib.sha256()
+        for doc in self.documents:
+            data = doc.encode("utf-8")
+            digest.update(len(data).to_bytes(8, "little") + data)
+        return digest.hexdigest()
+
+    @property
+    def n_bytes(self) -> int:
+        return sum(len(d.encode("utf-8")) for d in self.documents)
+
+    def to_dict(self) -> dict:
+        return dict(name=self.name, fingerprint=self.fingerprint, documents=len(self.documents),
+                    bytes=self.n_bytes)
+
+    def __repr__(self) -> str:
+        return (f"Corpus({self.name!r}, {len(self.documents):,} documents, "
+                f"{self.n_bytes / 1e6:.2f} MB, fingerprint {self.fingerprint[:12]})")
+
+
+def load_corpus(name_or_path: str | os.PathLike = "pystdlib", **options) -> Corpus:
+    """A corpus by name (see the module docstring) or from local text files."""
+    name = str(name_or_path)
+    if name == "pystdlib":
+        return Corpus(name, tuple(_read(p) for p in pystdlib_files()))
+    if name == "pydocs":
+        from pydoc_data.topics import topics
+        return Corpus(name, tuple(topics[k] for k in sorted(topics)))
+    if name == "arithmetic":
+        return Corpus(name, tuple(p.text for p in arithmetic.problems(**options)))
+    if name in DOWNLOADS:
+        return Corpus(name, (_read(fetch(name)),))
+    if name in HF_ALIASES or name.startswith("hf:"):
+        return _load_hugging_face(HF_ALIASES.get(name, name.removeprefix("hf:")), **options)
+    return _load_local(name)
+
+
+def pystdlib_files() -> list[Path]:
+    """The standard library's .py files, sorted, without tests and installed packages."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    files = [p for p in root.rglob("*.py")
+             if not skip & set(p.relative_to(root).parts[:-1]) and not p.name.startswith("test_")]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def fetch(name: str) -> Path:
+    """Download ``DOWNLOADS[name]`` once into the cache, verified by sha256."""
+    spec = DOWNLOADS[name]
+    path = cache_dir("downloads") / f"{name}.txt"
+    if path.exists() and sha256_file(path) == spec.sha256:
+        return path
+    try:
+        with atomic_path(path) as tmp:  # a failed or partial download never lands at `path`
+            with urllib.request.urlopen(spec.url, timeout=60) as response, open(tmp, "wb") as f:
+                while block := response.read(1 << 20):
+                    f.write(block)
+            if (got := sha256_file(tmp)) != spec.sha256:
+                raise ValueError(f"download of {name!r} from {spec.url} has sha256 {got}, "
+                                 f"expected {spec.sha256}; the file was deleted")
+    except (urllib.error.URLError, OSError) as e:
+        raise ConnectionError(
+            f"could not download {name!r} from {spec.url} ({e}). Offline corpora need no "
+            f"network: {', '.join(OFFLINE)}, or a local file, directory or glob.") from e
+    return path
+
+
+def _read(path: Path) -> str:
+    try:  # newline="" keeps "\r\n" as it is: the corpus is exactly the text on disk
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text ({e})") from e
+
+
+def _load_local(pattern: str) -> Corpus:
+    path = Path(pattern).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
+            part.startswith(".") for part in p.relative_to(path).parts))
+    else:
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+    if not files:
+        raise FileNotFoundError(
+            f"no corpus named {pattern!r} and no such file, directory or glob: {str(path)!r}. "
+            f"Named corpora: {', '.join(OFFLINE + tuple(DOWNLOADS) + tuple(HF_ALIASES))}")
+    return Corpus(str(pattern), tuple(_read(p) for p in files))
+
+
+def _load_hugging_face(dataset: str, split: str = "train", field: str = "text",
+                       max_documents: int | None = 100_000) -> Corpus:
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(f"the corpus {dataset!r} comes from Hugging Face: "
+                          f"`pip install datasets` first (offline corpora: {OFFLINE})") from e
+    ds = datasets.load_dataset(dataset, split=split, streaming=True)
+    docs = []
+    for row in ds:
+        if max_documents is not None and len(docs) >= max_documents:
+            break
+        docs.append(row[field])
+    return Corpus(f"hf:{dataset}", tuple(docs))

@@ -1,0 +1,169 @@
+"""Token datasets: tokenise a corpus once, cache it, serve [B, T+1] windows, count epochs.
+
+    corpus = load_corpus("pystdlib")
+    train = TokenDataset(corpus, tokenizer, split="train")
+    batches = train.batches(batch_size=16, seq_len=256, seed=0)
+    x_BxT1 = batches.get(step)       # a pure function of (seed, step): resumable
+
+The split is by document (deterministic in ``seed``), so validation text never leaks into
+training windows. Windows are drawn without replacement; once every window has been served
+the data repeats, and ``Batches`` warns once: PaLM trained exactly one epoch, and repeated
+data changes what a scaling study measures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from palmlite.corpora import Corpus, load_corpus
+from palmlite.files import atomic_path, atomic_write_text, cache_dir
+
+__all__ = ["Corpus", "load_corpus", "TokenDataset", "Batches", "split_documents"]
+FORMAT_VERSION = 1
+
+
+def split_documents(n_docs: int, split: str, val_fraction: float, seed: int) -> np.ndarray:
+    """Document indices of ``split``: a seeded shuffle, the first ``val_fraction`` is validation."""
+    if split not in ("train", "validation"):
+        raise ValueError(f"split={split!r} is invalid: expected 'train' or 'validation'")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction!r} is invalid: expected 0 < value < 1")
+    if n_docs < 2:
+        raise ValueError(f"a train/validation split needs at least 2 documents, got {n_docs}")
+    order = np.random.default_rng(seed).permutation(n_docs)
+    n_val = min(max(1, round(val_fraction * n_docs)), n_docs - 1)
+    return np.sort(order[:n_val] if split == "validation" else order[n_val:])
+
+
+class TokenDataset:
+    """One split of a corpus as a flat token array (documents joined by EOS), memory-mapped."""
+
+    def __init__(self, corpus: Corpus | str, tokenizer, *, split: str = "train",
+                 val_fraction: float = 0.05, seed: int = 0):
+        self.corpus = load_corpus(corpus) if isinstance(corpus, str) else corpus
+        self.tokenizer = tokenizer
+        self.split, self.val_fraction, self.seed = split, val_fraction, seed
+        self.doc_ids = split_documents(len(self.corpus.documents), split, val_fraction, seed)
+        self.meta = dict(format=FORMAT_VERSION, corpus=self.corpus.fingerprint,
+                         tokenizer=tokenizer.fingerprint, split=split,
+                         val_fraction=val_fraction, seed=seed)
+        key = hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode()).hexdigest()[:24]
+        self.path = cache_dir("tokens") / f"{self.corpus.name.replace('/', '_')[:40]}-{key}.bin"
+        self.dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
+        self.tokens = self._load() if self._cache_is_valid() else self._build()
+
+    # ---- cache -------------------------------------------------------------------------
+    @property
+    def meta_path(self) -> Path:
+        return self.path.with_suffix(".json")
+
+    def _cache_is_valid(self) -> bool:
+        try:
+            saved = json.loads(self.meta_path.read_text())
+        except (OSError, ValueError):
+            return False
+        same = all(saved.get(k) == v for k, v in self.meta.items())
+        sized = self.path.exists() and self.path.stat().st_size == saved.get("n_tokens", -1) * \
+            self.dtype.itemsize
+        if same and sized:
+            self.n_bytes = saved["n_bytes"]
+        return same and sized
+
+    def _load(self) -> np.memmap:
+        return np.memmap(self.path, dtype=self.dtype, mode="r")
+
+    def _build(self) -> np.memmap:
+        docs = [self.corpus.documents[i] for i in self.doc_ids]
+        ids = self.tokenizer.encode_batch(docs)
+        eos = self.tokenizer.eos_id
+        flat = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=self.dtype,
+                           count=sum(len(d) + 1 for d in ids))
+        self.n_bytes = sum(len(d.encode("utf-8")) for d in docs)
+        self.meta_path.unlink(missing_ok=True)  # never pair new tokens with old metadata
+        with atomic_path(self.path) as tmp:
+            flat.tofile(tmp)
+        atomic_write_text(self.meta_path, json.dumps(
+            {**self.meta, "n_tokens": int(flat.size), "n_bytes": self.n_bytes,
+             "tokenizer_name": self.tokenizer.name, "corpus_name": self.corpus.name}, indent=1))
+        return self._load()
+
+    # ---- sizes -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.tokens.size)
+
+    @property
+    def bytes_per_token(self) -> float:
+        """UTF-8 bytes per token: converts loss per token into bits per byte."""
+        return self.n_bytes / len(self)
+
+    def bits_per_byte(self, loss_nats_per_token: float) -> float:
+        """Tokenizer-independent loss: nats/token -> bits/byte."""
+        return loss_nats_per_token / math.log(2) / self.bytes_per_token
+
+    def to_dict(self) -> dict:
+        return dict(**self.meta, n_tokens=len(self), n_bytes=self.n_bytes,
+                    bytes_per_token=self.bytes_per_token, corpus_name=self.corpus.name,
+                    tokenizer_name=self.tokenizer.name)
+
+    def batches(self, batch_size: int, seq_len: int, seed: int = 0) -> "Batches":
+        return Batches(self, batch_size, seq_len, seed)
+
+    def windows(self, seq_len: int, max_windows: int | None = None) -> np.ndarray:
+        """Consecutive [N, T+1] windows in order (for evaluation)."""
+        n = (len(self) - 1) // seq_len
+        if max_windows is not None:
+            n = min(n, max_windows)
+        idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)
+        return np.asarray(self.tokens[idx], dtype=np.int32)
+
+
+class Batches:
+    """[B, T+1] windows without replacement; ``get(step)`` depends only on (seed, step)."""
+
+    def __init__(self, dataset: TokenDataset, batch_size: int, seq_len: int, seed: int = 0):
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"batch_size={batch_size} and seq_len={seq_len} must be positive")
+        self.n_windows = (len(dataset) - 1) // seq_len
+        if self.n_windows < 1:
+            raise ValueError(f"the {dataset.split} split has {len(dataset)} tokens: too few for "
+                             f"one window of seq_len={seq_len} + 1")
+        self.dataset, self.batch_size, self.seq_len, self.seed = dataset, batch_size, seq_len, seed
+        self.tokens_served = 0
+        self._warned = False
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def epoch(self, step: int) -> float:
+        """Passes over the data completed after ``step`` batches (fractional)."""
+        return step * self.batch_size / self.n_windows
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_windows))
+        return self._order[1]
+
+    def get(self, step: int) -> np.ndarray:
+        """The batch for ``step``: int32 [batch_size, seq_len + 1]."""
+        g = step * self.batch_size + np.arange(self.batch_size)  # global window indices
+        epochs, pos = np.divmod(g, self.n_windows)
+        if epochs[-1] >= 1 and not self._warned:
+            self._warned = True
+            warnings.warn(f"training has gone past one epoch of {self.dataset.corpus.name!r} "
+                          f"({self.dataset.split}: {len(self.dataset):,} tokens): data now "
+                          "repeats. PaLM trained exactly one epoch; repeated data changes "
+                          "scaling results.", RuntimeWarning, stacklevel=2)
+        starts = np.array([self._permutation(e)[p] for e, p in zip(epochs, pos)]) * self.seq_len
+        self.tokens_served += self.batch_size * self.seq_len
+        return np.asarray(self.dataset.tokens[starts[:, None] + np.arange(self.seq_len + 1)],
+                          dtype=np.int32)
+
+    def __iter__(self):
+        step = 0
+        while True:
+            yield self.get(step)
+            step += 1
