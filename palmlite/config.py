@@ -9,6 +9,7 @@ typo costs a clear ``ValueError`` instead of a confusing trace.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any
 
@@ -110,10 +111,7 @@ class ModelConfig:
     # ---- copies and serialisation --------------------------------------------------
     def replace(self, **changes: Any) -> "ModelConfig":
         """A validated copy with ``changes`` applied; unknown names raise ``ValueError``."""
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise ValueError(f"ModelConfig has no field(s) {unknown}; valid fields: {field_names()}")
-        return dataclasses.replace(self, **changes)
+        return _replace(self, changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -124,23 +122,140 @@ class ModelConfig:
         return cls().replace(**d)
 
 
-def field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(ModelConfig)]
-
-
-def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
+def _require(ok: bool, name: str, value: Any, allowed: str, owner: str = "ModelConfig") -> None:
     if not ok:
-        raise ValueError(f"ModelConfig.{name}={value!r} is invalid: expected {allowed}")
+        raise ValueError(f"{owner}.{name}={value!r} is invalid: expected {allowed}")
 
 
 _TYPES = {"int": (int,), "int | None": (int, type(None)), "float": (int, float), "bool": (bool,),
           "str": (str,)}
 
 
-def _check_type(f: dataclasses.Field, value: Any) -> None:
+def _check_type(f: dataclasses.Field, value: Any, owner: str = "ModelConfig") -> None:
     """Type-check one field: ``True`` is not an int and ``2.5`` is not a layer count."""
     allowed = _TYPES[f.type]
     ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
     if ok and isinstance(value, float):
         ok = math.isfinite(value)
-    _require(ok, f.name, value, f"a finite value of type {f.type}")
+    _require(ok, f.name, value, f"a finite value of type {f.type}", owner)
+
+
+def _replace(cfg, changes: dict[str, Any]):
+    names = [f.name for f in dataclasses.fields(cfg)]
+    unknown = sorted(set(changes) - set(names))
+    if unknown:
+        raise ValueError(f"{type(cfg).__name__} has no field(s) {unknown}; valid fields: {names}")
+    return dataclasses.replace(cfg, **changes)
+
+
+OPTIMIZERS = ("adamw", "adafactor", "sgd")
+SCHEDULES = ("warmup_cosine", "rsqrt", "constant")
+PRECISIONS = ("float32", "bf16", "pure_bf16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How to train: data, batch, budget, optimizer, schedule, precision, bookkeeping."""
+
+    corpus: str = "pystdlib"  # a corpus name or path (palmlite.data.load_corpus)
+    tokenizer: str = "bpe:8192"  # "bytes" | "bpe:SIZE" | "unigram:SIZE" | path to a .model
+    val_fraction: float = 0.05  # share of documents held out for validation
+    batch_size: int = 16  # sequences per step
+    seq_len: int = 128  # tokens per sequence
+    steps: int | None = 200  # training steps (or set `tokens` and steps=None)
+    tokens: int | None = None  # token budget: steps = ceil(tokens / (batch_size * seq_len))
+    optimizer: str = "adamw"  # "adamw" | "adafactor" (PaLM §5) | "sgd"
+    schedule: str = "warmup_cosine"  # Gopher: 1e-7 -> peak, cosine to 10% | "rsqrt" (PaLM) | "constant"
+    lr: float = 3e-3  # peak learning rate
+    warmup_steps: int = 50  # Gopher: 1,500; PaLM's constant phase: 10,000
+    weight_decay: float = 0.1  # AdamW decoupled decay; adafactor: multiplies lr² (PaLM: 1)
+    beta1: float = 0.9
+    beta2: float = 0.95  # AdamW only; adafactor uses β2 = 1 - step^-0.8
+    grad_clip: float = 1.0  # global-norm clipping (PaLM, Gopher); 0 disables
+    z_loss: float = 1e-4  # PaLM §5: coefficient of log²Z
+    precision: str = "float32"  # "float32" | "bf16" (bf16 compute, f32 params) | "pure_bf16"
+    seed: int = 0  # parameter init and data order
+    log_every: int = 10  # steps between metrics lines (and the only host syncs)
+    eval_every: int = 100  # steps between validation losses (0: only at the end)
+    eval_batches: int = 8  # validation batches per evaluation
+    checkpoint_every: int = 100  # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    quiet: bool = False  # throttled progress output (papermill sweeps)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        req = lambda ok, name, allowed: _require(ok, name, getattr(self, name), allowed, "TrainConfig")
+        for f in dataclasses.fields(self):
+            _check_type(f, getattr(self, f.name), "TrainConfig")
+        for name in ("batch_size", "seq_len", "log_every", "eval_batches", "keep_checkpoints"):
+            req(getattr(self, name) > 0, name, "a positive integer")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
+            req(getattr(self, name) >= 0, name, "an integer >= 0")
+        req((self.steps is None) != (self.tokens is None), "steps",
+            f"exactly one of steps and tokens to be set (tokens={self.tokens!r})")
+        for name in ("steps", "tokens"):
+            req(getattr(self, name) is None or getattr(self, name) > 0, name, "a positive integer or None")
+        req(self.lr > 0, "lr", "a positive number")
+        for name in ("weight_decay", "grad_clip", "z_loss"):
+            req(getattr(self, name) >= 0, name, "a number >= 0")
+        for name in ("beta1", "beta2"):
+            req(0 <= getattr(self, name) < 1, name, "a number in [0, 1)")
+        req(0 < self.val_fraction < 1, "val_fraction", "a number in (0, 1)")
+        for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
+                              ("precision", PRECISIONS)):
+            req(getattr(self, name) in allowed, name, f"one of {allowed}")
+        kind, _, size = self.tokenizer.partition(":")
+        if kind in ("bpe", "unigram"):
+            req(size.isdigit() and int(size) > 0, "tokenizer", "'bpe:SIZE' with a positive SIZE")
+
+    @property
+    def total_steps(self) -> int:
+        if self.steps is not None:
+            return self.steps
+        return -(-self.tokens // (self.batch_size * self.seq_len))
+
+    @property
+    def dtypes(self) -> dict[str, str]:
+        """The model's compute and parameter dtypes for this precision."""
+        return {"float32": dict(dtype="float32", param_dtype="float32"),
+                "bf16": dict(dtype="bfloat16", param_dtype="float32"),
+                "pure_bf16": dict(dtype="bfloat16", param_dtype="bfloat16")}[self.precision]
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return _replace(self, changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        return cls().replace(**d)
+
+
+def parse_overrides(assignments: list[str], model: ModelConfig, train: TrainConfig):
+    """Apply CLI overrides such as ``model.block=serial`` or ``train.lr=3e-4``, typed by field.
+
+    Values are parsed as JSON where possible (numbers, true/false, null), else kept as text;
+    the result is validated like any config. Unknown keys list the valid ones.
+    """
+    changes: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+    valid = [f"model.{f.name}" for f in dataclasses.fields(model)] + \
+        [f"train.{f.name}" for f in dataclasses.fields(train)]
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        if not sep or key not in valid:
+            raise ValueError(f"unknown override {assignment!r}: expected KEY=VALUE with KEY one "
+                             f"of {valid}")
+        section, name = key.split(".", 1)
+        changes[section][name] = _parse_value(raw)
+    return model.replace(**changes["model"]), train.replace(**changes["train"])
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return raw
+    return value if not isinstance(value, (list, dict)) else raw

@@ -24,7 +24,7 @@ import numpy as np
 from palmlite.corpora import Corpus, load_corpus
 from palmlite.files import atomic_path, atomic_write_text, cache_dir
 
-__all__ = ["Corpus", "load_corpus", "TokenDataset", "Batches", "split_documents"]
+__all__ = ["Corpus", "load_corpus", "TokenDataset", "Batches", "split_documents", "get_tokenizer"]
 FORMAT_VERSION = 1
 
 
@@ -39,6 +39,17 @@ def split_documents(n_docs: int, split: str, val_fraction: float, seed: int) -> 
     order = np.random.default_rng(seed).permutation(n_docs)
     n_val = min(max(1, round(val_fraction * n_docs)), n_docs - 1)
     return np.sort(order[:n_val] if split == "validation" else order[n_val:])
+
+
+def get_tokenizer(spec: str, corpus: Corpus):
+    """"bytes" | "bpe:SIZE" | "unigram:SIZE" (trained on ``corpus``, cached) | a .model path."""
+    from palmlite import tokenizer
+    kind, _, size = spec.partition(":")
+    if spec == "bytes":
+        return tokenizer.ByteTokenizer()
+    if kind in ("bpe", "unigram") and size.isdigit():
+        return tokenizer.train(corpus, int(size), model_type=kind)
+    return tokenizer.load(spec)
 
 
 class TokenDataset:

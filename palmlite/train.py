@@ -1,0 +1,300 @@
+"""Training: one jitted step, a loop with honest metrics, orbax checkpoints, exact resume.
+
+    result = palmlite.train("small", TrainConfig(steps=300), out="runs/small")
+    result.model, result.tokenizer, result.metrics   # the same as `palmlite train ...`
+
+The step is a pure function of (state, batch), compiled once per config: forward, loss +
+z-loss (PaLM §5), gradients, optax update. It never syncs with the host; the loop reads
+metrics back only every ``log_every`` steps. A non-finite loss skips its update (the
+parameters stay as they were) and is reported, with its step, at the next sync.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from palmlite import __version__
+from palmlite.accounting import device_peak_flops, flops_per_token
+from palmlite.checkpoint import Checkpointer
+from palmlite.config import ModelConfig, TrainConfig
+from palmlite.data import TokenDataset, get_tokenizer, load_corpus
+from palmlite.evaluate import evaluate
+from palmlite.files import atomic_write_text
+from palmlite.losses import cross_entropy_and_z_loss
+from palmlite.model import Transformer
+from palmlite import schedules
+from palmlite import presets
+
+# Fields that may differ when resuming (they do not change what is computed).
+RESUMABLE_CHANGES = {"steps", "tokens", "log_every", "eval_every", "checkpoint_every",
+                     "keep_checkpoints", "quiet"}
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model: Transformer
+    tokenizer: Any
+    metrics: list[dict]
+    run_dir: Path | None
+    model_config: ModelConfig
+    train_config: TrainConfig
+
+    def history(self, key: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of one metric, skipping lines that do not have it."""
+        rows = [m for m in self.metrics if m.get(key) is not None]
+        return [m["step"] for m in rows], [m[key] for m in rows]
+
+
+def compute_loss(model, batch_BxT1, z_loss_coef):
+    """Cross-entropy + z_loss_coef · log²Z on next-token targets; returns (loss, (ce, z))."""
+    ce, z = cross_entropy_and_z_loss(model(batch_BxT1[:, :-1]), batch_BxT1[:, 1:])
+    return ce + z_loss_coef * z, (ce, z)
+
+
+def init_state(cfg: ModelConfig, tc: TrainConfig, abstract: bool = False):
+    """(graphdef, schedule, optimizer, state): the state is a pytree of params, optimizer
+    state, step and the first non-finite step (-1: none). ``abstract``: shapes only."""
+    make = lambda: Transformer(cfg, rngs=nnx.Rngs(tc.seed))
+    graphdef, params = nnx.split(nnx.eval_shape(make) if abstract else make())
+    schedule, tx = schedules.from_config(tc)
+    opt = jax.eval_shape(tx.init, params) if abstract else tx.init(params)
+    state = dict(params=params, opt=opt, step=jnp.array(0, jnp.int32),
+                 bad_step=jnp.array(-1, jnp.int32))
+    return graphdef, schedule, tx, state
+
+
+def make_train_step(graphdef, tx, z_loss_coef: float):
+    """The jitted step: state -> state, metrics. The state is donated (updated in place)."""
+
+    def step_fn(state, batch_BxT1):
+        def loss_fn(params):
+            return compute_loss(nnx.merge(graphdef, params), batch_BxT1, z_loss_coef)
+
+        (loss, (ce, z)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = jax.tree.map(lambda p, u: p + u.astype(p.dtype), state["params"], updates)
+        finite = jnp.isfinite(loss)
+        # NaN/Inf guard: keep the old state, remember the first bad step.
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = dict(params=keep(params, state["params"]), opt=keep(opt, state["opt"]),
+                         step=state["step"] + 1,
+                         bad_step=jnp.where((state["bad_step"] < 0) & ~finite, state["step"],
+                                            state["bad_step"]))
+        return new_state, dict(loss=ce, z_loss=z, grad_norm=_global_norm(grads))
+
+    return jax.jit(step_fn, donate_argnums=0)
+
+
+def _global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def train(model: ModelConfig | str = "small", config: TrainConfig | None = None, *,
+          out: str | Path | None = None, resume: bool = False, **overrides) -> TrainResult:
+    """Train ``model`` (a config or preset name) as ``config`` says; see the module docstring.
+
+    ``out`` is the run directory (config.json, metrics.jsonl, checkpoints/); ``resume``
+    continues the run found there bit-identically. Keyword overrides go to ``config``.
+    """
+    cfg = presets.get(model) if isinstance(model, str) else model
+    tc = (config or TrainConfig()).replace(**overrides)
+    run_dir = Path(out) if out is not None else None
+    if run_dir is not None:
+        cfg, tc = _prepare_run_dir(run_dir, cfg, tc, resume)
+
+    corpus = load_corpus(tc.corpus)
+    tokenizer = get_tokenizer(tc.tokenizer, corpus)
+    cfg = cfg.replace(vocab_size=tokenizer.vocab_size, max_seq_len=max(cfg.max_seq_len, tc.seq_len),
+                      **tc.dtypes)
+    split = dict(val_fraction=tc.val_fraction, seed=tc.seed)
+    train_ds = TokenDataset(corpus, tokenizer, split="train", **split)
+    val_ds = TokenDataset(corpus, tokenizer, split="validation", **split)
+    batches = train_ds.batches(tc.batch_size, tc.seq_len, seed=tc.seed)
+
+    graphdef, schedule, tx, state = init_state(cfg, tc)
+
+    ckpt = Checkpointer(run_dir / "checkpoints", tc.keep_checkpoints) if run_dir else None
+    start = 0
+    if ckpt is not None and resume:
+        restored = ckpt.restore_latest(state)
+        if restored is not None:
+            start, state, _ = restored
+    if run_dir is not None:
+        _write_run_config(run_dir, cfg, tc, tokenizer, corpus, train_ds, val_ds)
+    loop = _Loop(tc, cfg, graphdef, schedule, batches, val_ds, train_ds, run_dir, ckpt)
+    state = loop.run(make_train_step(graphdef, tx, tc.z_loss), state, start)
+    if ckpt is not None:
+        ckpt.close()
+    return TrainResult(nnx.merge(graphdef, state["params"]), tokenizer, loop.metrics, run_dir,
+                       cfg, tc)
+
+
+class _Loop:
+    """The host side: feeds batches, logs, evaluates, checkpoints, guards against NaN."""
+
+    def __init__(self, tc, cfg, graphdef, schedule, batches, val_ds, train_ds, run_dir, ckpt):
+        self.tc, self.cfg, self.graphdef, self.schedule = tc, cfg, graphdef, schedule
+        self.batches, self.val_ds, self.train_ds = batches, val_ds, train_ds
+        self.run_dir, self.ckpt = run_dir, ckpt
+        self.metrics: list[dict] = []
+        peak = device_peak_flops(jax.devices()[0].device_kind)
+        self.peak = None if peak is None else peak * jax.device_count()
+        self.flops_per_token = flops_per_token(cfg, tc.seq_len)
+
+    def run(self, step_fn, state, start: int):
+        tc, total = self.tc, self.tc.total_steps
+        if self.run_dir is not None:
+            self.metrics = _read_metrics(self.run_dir / "metrics.jsonl", upto=start)
+        # Compile ahead of time so that tokens/s never includes compilation.
+        step_fn = step_fn.lower(state, jnp.asarray(self.batches.get(start))).compile()
+        bar = _progress(total, start, tc.quiet)
+        pending, t0 = [], time.perf_counter()
+        for step in range(start, total):
+            state, m = step_fn(state, jnp.asarray(self.batches.get(step)))
+            pending.append(m)
+            done = step + 1
+            evaluate_now = done == total or _every(done, tc.eval_every)
+            save_now = done == total or _every(done, tc.checkpoint_every)
+            if evaluate_now or save_now or _every(done, tc.log_every):
+                self._log(state, pending, done, time.perf_counter() - t0, bar, evaluate_now)
+                if save_now:
+                    self._checkpoint(state, done)
+                pending, t0 = [], time.perf_counter()  # evaluating and saving are not training
+        bar.close()
+        return state
+
+    def _log(self, state, pending, done, elapsed, bar, evaluate_now: bool):
+        got = jax.device_get(pending)  # the only host sync: once per log interval
+        self._check_finite(state)
+        tc = self.tc
+        tokens_per_s = len(got) * tc.batch_size * tc.seq_len / elapsed
+        loss = sum(float(m["loss"]) for m in got) / len(got)
+        row = dict(step=done, tokens=done * tc.batch_size * tc.seq_len,
+                   epoch=self.batches.epoch(done), loss=loss,
+                   z_loss=sum(float(m["z_loss"]) for m in got) / len(got),
+                   grad_norm=float(got[-1]["grad_norm"]), lr=float(self.schedule(done - 1)),
+                   bits_per_byte=self.train_ds.bits_per_byte(loss), tokens_per_s=tokens_per_s,
+                   mfu=None if self.peak is None else tokens_per_s * self.flops_per_token / self.peak)
+        if evaluate_now:
+            ev = evaluate(nnx.merge(self.graphdef, state["params"]), self.val_ds, tc.seq_len,
+                          tc.batch_size, tc.eval_batches)
+            row.update(val_loss=ev["loss"], val_bits_per_byte=ev["bits_per_byte"])
+        self.metrics.append(row)
+        if self.run_dir is not None:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        bar.update(len(got))
+
+    def _check_finite(self, state) -> None:
+        bad = int(state["bad_step"])
+        if bad >= 0:
+            kept = self.ckpt.steps()[-1:] if self.ckpt else []
+            raise FloatingPointError(
+                f"non-finite loss at step {bad}: training stopped (no update was applied "
+                f"from that step on). Last good checkpoint kept: "
+                f"{f'step {kept[0]}' if kept else 'none'}.")
+
+    def _checkpoint(self, state, done: int) -> None:
+        if self.ckpt is None:
+            return
+        self._check_finite(state)  # never save a state that has seen a NaN
+        self.ckpt.save(done, state, dict(step=done, tokens=done * self.tc.batch_size * self.tc.seq_len))
+
+
+def _every(done: int, interval: int) -> bool:
+    return interval > 0 and done % interval == 0
+
+
+def _progress(total: int, start: int, quiet: bool):
+    """tqdm.auto: a widget in Jupyter, a bar in a terminal; quiet: an update every 30 s."""
+    if quiet:
+        from tqdm.std import tqdm
+        return tqdm(total=total, initial=start, mininterval=30, maxinterval=60, ascii=True)
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=start, unit="step")
+
+
+def _read_metrics(path: Path, upto: int) -> list[dict]:
+    """Existing metric lines up to step ``upto``; later ones (from a killed run) are dropped."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in rows if r["step"] <= upto]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+# ---- run directories ---------------------------------------------------------------------
+def _prepare_run_dir(run_dir: Path, cfg: ModelConfig, tc: TrainConfig, resume: bool):
+    saved_path = run_dir / "config.json"
+    has_checkpoints = (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir())
+    if not resume:
+        if has_checkpoints:
+            raise ValueError(f"{str(run_dir)!r} already holds a run: resume it (--resume / "
+                             "resume=True) or choose another output directory")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        return cfg, tc
+    if not saved_path.exists():
+        raise FileNotFoundError(f"cannot resume: {str(saved_path)!r} does not exist")
+    saved = json.loads(saved_path.read_text())
+    saved_tc = TrainConfig.from_dict(saved["train"])
+    changed = {k for k, v in tc.to_dict().items() if v != getattr(saved_tc, k)}
+    if changed - RESUMABLE_CHANGES:
+        raise ValueError(f"cannot resume {str(run_dir)!r} with changed settings "
+                         f"{sorted(changed - RESUMABLE_CHANGES)}; only {sorted(RESUMABLE_CHANGES)} "
+                         "may change")
+    return ModelConfig.from_dict(saved["model"]), tc
+
+
+def _write_run_config(run_dir, cfg, tc, tokenizer, corpus, train_ds, val_ds) -> None:
+    if tokenizer.path is not None:  # keep the vocabulary with the run
+        shutil.copyfile(tokenizer.path, run_dir / "tokenizer.model")
+    device = jax.devices()[0]
+    info = dict(model=cfg.to_dict(), train=tc.to_dict(),
+                data=dict(corpus=corpus.to_dict(), tokenizer=tokenizer.to_dict(),
+                          train=train_ds.to_dict(), validation=val_ds.to_dict()),
+                device=dict(platform=device.platform, kind=device.device_kind,
+                            count=jax.device_count()),
+                versions=dict(palmlite=__version__, jax=jax.__version__, python=platform.python_version(),
+                              **{m: _version(m) for m in ("flax", "optax", "orbax.checkpoint")}))
+    atomic_write_text(run_dir / "config.json", json.dumps(info, indent=1))
+
+
+def _version(module: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(module.replace(".", "-"))
+    except PackageNotFoundError:
+        return None
+
+
+def load_run(run_dir: str | Path) -> tuple[Transformer, Any, dict]:
+    """(model with the newest checkpoint's parameters, tokenizer, config.json) of a run."""
+    run_dir = Path(run_dir)
+    info_path = run_dir / "config.json"
+    if not info_path.exists():
+        raise FileNotFoundError(f"no run at {str(run_dir)!r}: {str(info_path)!r} is missing")
+    info = json.loads(info_path.read_text())
+    cfg, tc = ModelConfig.from_dict(info["model"]), TrainConfig.from_dict(info["train"])
+    from palmlite import tokenizer as tokenizers
+    tok = tokenizers.ByteTokenizer() if tc.tokenizer == "bytes" else \
+        tokenizers.load(run_dir / "tokenizer.model")
+    graphdef, _, _, state = init_state(cfg, tc, abstract=True)
+    ckpt = Checkpointer(run_dir / "checkpoints", tc.keep_checkpoints)
+    restored = ckpt.restore_latest(state)
+    ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"no readable checkpoint in {str(run_dir / 'checkpoints')!r}")
+    return nnx.merge(graphdef, restored[1]["params"]), tok, info

@@ -1,0 +1,110 @@
+import numpy as np
+import pytest
+
+from palmlite.data import Corpus, TokenDataset, split_documents
+from palmlite.tokenizer import ByteTokenizer
+
+DOCS = tuple(f"document {i}: " + "x = %d\n" % i * (i % 5 + 1) for i in range(40))
+
+
+class CountingBytes(ByteTokenizer):
+    """ByteTokenizer that counts how often it tokenises (to see the cache work)."""
+
+    calls = 0
+
+    def encode_batch(self, texts):
+        CountingBytes.calls += 1
+        return super().encode_batch(texts)
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PALMLITE_CACHE", str(tmp_path / "cache"))
+    CountingBytes.calls = 0
+    return tmp_path / "cache"
+
+
+def test_split_is_by_document_deterministic_and_disjoint():
+    train = split_documents(100, "train", 0.1, seed=3)
+    val = split_documents(100, "validation", 0.1, seed=3)
+    assert len(val) == 10 and len(train) == 90
+    assert set(train) | set(val) == set(range(100)) and not set(train) & set(val)
+    np.testing.assert_array_equal(val, split_documents(100, "validation", 0.1, seed=3))
+    assert set(val) != set(split_documents(100, "validation", 0.1, seed=4))
+    with pytest.raises(ValueError, match="split"):
+        split_documents(100, "test", 0.1, 0)
+
+
+def test_tokens_are_the_documents_joined_by_eos():
+    tok = ByteTokenizer()
+    ds = TokenDataset(Corpus("c", DOCS), tok, split="validation", val_fraction=0.1, seed=0)
+    expected = [t for i in ds.doc_ids for t in tok.encode(DOCS[i]) + [tok.eos_id]]
+    np.testing.assert_array_equal(np.asarray(ds.tokens), expected)
+    assert ds.tokens.dtype == np.uint16
+    assert ds.bytes_per_token == pytest.approx(ds.n_bytes / len(ds))
+    assert ds.bits_per_byte(np.log(2) * ds.bytes_per_token) == pytest.approx(1.0)
+
+
+def test_cache_is_reused_and_invalidated():
+    corpus = Corpus("c", DOCS)
+    first = TokenDataset(corpus, CountingBytes())
+    again = TokenDataset(corpus, CountingBytes())
+    assert CountingBytes.calls == 1 and again.path == first.path
+    np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(first.tokens))
+    TokenDataset(Corpus("c", DOCS[:-1]), CountingBytes())  # other corpus: rebuilt
+    TokenDataset(corpus, CountingBytes(), seed=1)  # other split: rebuilt
+    assert CountingBytes.calls == 3
+
+
+def test_corrupted_cache_is_rebuilt_never_read_as_garbage():
+    corpus = Corpus("c", DOCS)
+    good = np.asarray(TokenDataset(corpus, CountingBytes()).tokens).copy()
+    path = TokenDataset(corpus, CountingBytes()).path
+    with open(path, "r+b") as f:  # a truncated token file (e.g. a killed write by hand)
+        f.truncate(10)
+    np.testing.assert_array_equal(np.asarray(TokenDataset(corpus, CountingBytes()).tokens), good)
+    path.with_suffix(".json").write_text("{not json")
+    np.testing.assert_array_equal(np.asarray(TokenDataset(corpus, CountingBytes()).tokens), good)
+    assert CountingBytes.calls == 3
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_batches_are_windows_of_the_data_without_replacement():
+    ds = TokenDataset(Corpus("c", DOCS), ByteTokenizer())
+    batches = ds.batches(batch_size=4, seq_len=16, seed=0)
+    flat = np.asarray(ds.tokens)
+    starts = set()
+    for step in range(batches.n_windows // 4):
+        x = batches.get(step)
+        assert x.shape == (4, 17) and x.dtype == np.int32
+        for row in x:
+            start = next(s for s in range(0, len(flat) - 16, 16)
+                         if np.array_equal(flat[s:s + 17], row))
+            starts.add(start)
+    assert len(starts) == (batches.n_windows // 4) * 4  # no window served twice in an epoch
+    np.testing.assert_array_equal(batches.get(3), ds.batches(4, 16, seed=0).get(3))
+    assert not np.array_equal(batches.get(3), ds.batches(4, 16, seed=1).get(3))
+    assert batches.tokens_served == (batches.n_windows // 4 + 2) * 4 * 16
+
+
+def test_warns_once_past_one_epoch():
+    ds = TokenDataset(Corpus("c", DOCS), ByteTokenizer())
+    batches = ds.batches(batch_size=8, seq_len=32)
+    last_in_epoch = batches.n_windows // 8 - 1
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(last_in_epoch + 1):
+            batches.get(step)
+    with pytest.warns(RuntimeWarning, match="past one epoch"):
+        batches.get(last_in_epoch + 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # only once
+        batches.get(last_in_epoch + 3)
+    assert batches.epoch(last_in_epoch + 3) > 1
+
+
+def test_too_little_data_for_a_window():
+    ds = TokenDataset(Corpus("c", ("ab", "cd")), ByteTokenizer())
+    with pytest.raises(ValueError, match="too few"):
+        ds.batches(batch_size=2, seq_len=64)
