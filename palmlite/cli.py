@@ -1,4 +1,4 @@
-"""The ``palmlite`` command line: ``palmlite presets`` (more subcommands join with later issues)."""
+"""The ``palmlite`` command line: ``presets``, ``train``, ``generate``."""
 
 from __future__ import annotations
 
@@ -35,13 +35,60 @@ def presets_table() -> str:
     return "\n".join(lines + ["", note])
 
 
+def _train(args) -> None:
+    from palmlite.config import TrainConfig, parse_overrides
+    from palmlite.train import train
+    budget = dict(steps=None, tokens=args.tokens) if args.tokens else dict(steps=args.steps)
+    tc = TrainConfig(corpus=args.corpus, tokenizer=args.tokenizer, quiet=args.quiet, **budget)
+    cfg, tc = parse_overrides(args.set, presets.get(args.preset), tc)
+    result = train(cfg, tc, out=args.out, resume=args.resume)
+    last = result.metrics[-1]
+    print(f"step {last['step']}: loss {last['loss']:.4f}, val_loss {last.get('val_loss', float('nan')):.4f}, "
+          f"val bits/byte {last.get('val_bits_per_byte', float('nan')):.4f}; run in {args.out}")
+
+
+def _generate(args) -> None:
+    from palmlite.generate import generate
+    from palmlite.train import load_run
+    model, tokenizer, _ = load_run(args.run)
+    print(generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="palmlite", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("presets", help="table of every preset: params, FLOPs/token, KV-cache bytes")
+    t = sub.add_parser("train", help="train a preset on a corpus; resumable run directory")
+    t.add_argument("--preset", default="small", help=f"one of {presets.names()}")
+    t.add_argument("--corpus", default="pystdlib", help="corpus name or path")
+    t.add_argument("--tokenizer", default="bpe:8192", help='"bytes", "bpe:SIZE", "unigram:SIZE" or a .model')
+    t.add_argument("--steps", type=int, default=200)
+    t.add_argument("--tokens", type=int, default=None, help="token budget (instead of --steps)")
+    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field, e.g. model.block=serial or train.lr=3e-4")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--quiet", action="store_true", help="throttled progress (for sweeps)")
+    g = sub.add_parser("generate", help="sample from a trained run")
+    g.add_argument("--run", required=True, help="run directory written by `palmlite train`")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.command == "presets":
-        print(presets_table())
+    try:
+        if args.command == "presets":
+            print(presets_table())
+        elif args.command == "train":
+            _train(args)
+        else:
+            _generate(args)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"palmlite {args.command}: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,0 +1,169 @@
+import json
+import math
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from palmlite import ModelConfig, cli
+from palmlite import train as train_module
+from palmlite.config import TrainConfig, parse_overrides
+from palmlite.data import Batches
+from palmlite.schedules import make_schedule
+from palmlite.train import load_run, train
+
+MODEL = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=32)
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("PALMLITE_CACHE", str(tmp_path / "cache"))
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(12):  # repetitive text: a tiny model learns it quickly
+        (docs / f"{i:02d}.txt").write_text("the cat sat on the mat. " * (20 + i))
+    return str(docs)
+
+
+def config(corpus, **changes):
+    base = dict(corpus=corpus, tokenizer="bytes", steps=40, batch_size=4, seq_len=32, lr=1e-2,
+                warmup_steps=5, log_every=10, eval_every=20, eval_batches=2, checkpoint_every=20,
+                quiet=True, val_fraction=0.2)
+    return TrainConfig(**{**base, **changes})
+
+
+def params(model):
+    return jax.tree.leaves(nnx.state(model))
+
+
+def test_loss_falls_and_metrics_are_recorded(corpus, tmp_path):
+    result = train(MODEL, config(corpus, steps=60), out=tmp_path / "run")
+    losses = [m["loss"] for m in result.metrics]
+    assert losses[-1] < losses[0] - 1.0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows == result.metrics and [r["step"] for r in rows] == [10, 20, 30, 40, 50, 60]
+    last = rows[-1]
+    assert last["tokens"] == 60 * 4 * 32 and last["tokens_per_s"] > 0
+    assert last["mfu"] is None  # a CPU has no published peak: never a made-up number
+    assert "val_loss" in last and "val_loss" not in rows[0]
+    info = json.loads((tmp_path / "run" / "config.json").read_text())
+    bytes_per_token = info["data"]["train"]["bytes_per_token"]  # < 1: EOS between documents
+    assert 0.9 < bytes_per_token < 1
+    assert math.isclose(last["bits_per_byte"], last["loss"] / math.log(2) / bytes_per_token)
+    assert info["model"]["vocab_size"] == 259 and info["train"]["steps"] == 60
+    assert info["data"]["tokenizer"]["fingerprint"] and info["data"]["corpus"]["fingerprint"]
+    assert info["device"]["platform"] == "cpu" and info["versions"]["jax"] == jax.__version__
+
+
+def test_interrupted_run_resumes_bit_identical(corpus, tmp_path, monkeypatch):
+    tc = config(corpus)
+    whole = train(MODEL, tc, out=tmp_path / "whole")
+    get = Batches.get
+
+    def killed_at_25(self, step):
+        if step == 25:
+            raise KeyboardInterrupt
+        return get(self, step)
+
+    monkeypatch.setattr(Batches, "get", killed_at_25)
+    with pytest.raises(KeyboardInterrupt):
+        train(MODEL, tc, out=tmp_path / "split")
+    monkeypatch.setattr(Batches, "get", get)
+    resumed = train(MODEL, tc, out=tmp_path / "split", resume=True)
+    for a, b in zip(params(whole.model), params(resumed.model)):
+        np.testing.assert_array_equal(a, b)
+    assert resumed.metrics == [] or [m["loss"] for m in resumed.metrics] == \
+        [m["loss"] for m in whole.metrics]
+    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in lines] == [10, 20, 30, 40]  # no duplicates
+
+
+def test_existing_run_needs_resume_and_unchanged_settings(corpus, tmp_path):
+    tc = config(corpus, steps=20)
+    train(MODEL, tc, out=tmp_path / "run")
+    with pytest.raises(ValueError, match="resume"):
+        train(MODEL, tc, out=tmp_path / "run")
+    with pytest.raises(ValueError, match="lr"):
+        train(MODEL, tc.replace(lr=1e-3), out=tmp_path / "run", resume=True)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        train(MODEL, tc, out=tmp_path / "nothing", resume=True)
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(corpus, tmp_path):
+    train(MODEL, config(corpus), out=tmp_path / "run")
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["20", "40"]
+    shutil.rmtree(ckpts / "40" / "state")  # a damaged newest checkpoint
+    with pytest.warns(RuntimeWarning, match="step 40"):
+        model, tokenizer, _ = load_run(tmp_path / "run")
+    assert tokenizer.vocab_size == 259 and model.cfg.vocab_size == 259
+
+
+def test_nan_guard_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+        corpus, tmp_path, monkeypatch):
+    # Inject a NaN at step 7: a batch marked with -1 tokens makes the loss non-finite.
+    get = Batches.get
+    monkeypatch.setattr(train_module, "compute_loss", _poison_on_marker(train_module.compute_loss))
+    monkeypatch.setattr(Batches, "get",
+                        lambda self, step: get(self, step) if step != 7 else -np.ones_like(get(self, step)))
+    with pytest.raises(FloatingPointError, match="step 7.*step 5"):
+        train(MODEL, config(corpus, checkpoint_every=5, log_every=5), out=tmp_path / "run")
+    steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 5
+
+
+def _poison_on_marker(loss):
+    """compute_loss returning NaN for a batch of -1 tokens (the test's injected fault)."""
+    def poisoned(model, batch, z):
+        total, aux = loss(model, jax.numpy.maximum(batch, 0), z)
+        return jax.numpy.where(batch[0, 0] < 0, jax.numpy.nan, total), aux
+    return poisoned
+
+
+def test_gopher_and_palm_schedules():
+    """Gopher: warm-up from 1e-7, cosine to 10% of the peak. PaLM: constant, then 1/sqrt(step)."""
+    gopher = make_schedule("warmup_cosine", 2e-4, total_steps=10_000, warmup_steps=1500)
+    assert float(gopher(0)) == pytest.approx(1e-7)
+    assert float(gopher(1500)) == pytest.approx(2e-4)
+    assert float(gopher(10_000)) == pytest.approx(2e-5)
+    palm = make_schedule("rsqrt", 1e-2, total_steps=100_000, warmup_steps=10_000)
+    assert float(palm(0)) == float(palm(10_000)) == pytest.approx(1e-2)
+    assert float(palm(40_000)) == pytest.approx(1e-2 / 2)
+
+
+def test_train_config_validation():
+    with pytest.raises(ValueError, match="TrainConfig.steps"):
+        TrainConfig(steps=10, tokens=1000)
+    with pytest.raises(ValueError, match="TrainConfig.optimizer"):
+        TrainConfig(optimizer="adam")
+    with pytest.raises(ValueError, match="TrainConfig.precision"):
+        TrainConfig(precision="fp8")
+    with pytest.raises(ValueError, match="TrainConfig.tokenizer"):
+        TrainConfig(tokenizer="bpe:lots")
+    assert TrainConfig(steps=None, tokens=1000, batch_size=4, seq_len=32).total_steps == 8
+
+
+def test_overrides_are_typed_and_validated():
+    cfg, tc = parse_overrides(["model.block=serial", "train.lr=3e-4", "model.n_kv_heads=4",
+                               "model.tie_embeddings=false"], MODEL.replace(n_heads=4), TrainConfig())
+    assert (cfg.block, cfg.n_kv_heads, cfg.tie_embeddings, tc.lr) == ("serial", 4, False, 3e-4)
+    with pytest.raises(ValueError, match="model.block"):  # the message lists the valid keys
+        parse_overrides(["model.blocks=serial"], MODEL, TrainConfig())
+    with pytest.raises(ValueError, match="ModelConfig.norm"):
+        parse_overrides(["model.norm=batchnorm"], MODEL, TrainConfig())
+
+
+def test_cli_train_then_generate(corpus, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    argv = ["train", "--preset", "tiny", "--corpus", corpus, "--tokenizer", "bytes", "--steps", "20",
+            "--out", out, "--quiet", "--set", "train.batch_size=4", "--set", "train.seq_len=32",
+            "--set", "model.block=serial", "--set", "train.log_every=10"]
+    assert cli.main(argv) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["block"] == "serial"
+    assert cli.main(argv[:-2] + ["--set", "train.nope=1"]) == 2
+    assert "train.lr" in capsys.readouterr().err  # the error lists valid keys
+    assert cli.main(["generate", "--run", out, "--prompt", "the cat", "--max-new-tokens", "8",
+                     "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.strip()
