@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from palmlite.losses import cross_entropy_and_z_loss
