@@ -7,11 +7,16 @@ Position schemes act in three different places, which is the point to learn:
 - "learned" / "sinusoidal" are added to the token embeddings (see model.py);
 - "rope" rotates queries and keys, so q·k depends on the offset only (PaLM §2);
 - "relative" / "alibi" add a per-head bias to the attention logits (Gopher, GLaM; Press et al.).
+
+Decoding keeps a ``KVCache``: each layer's keys and values of the tokens seen so far, so a
+new token costs one query against S cached keys instead of recomputing all T² products.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +83,70 @@ def alibi_bias(q_pos_BxT: jax.Array, k_pos_BxS: jax.Array, n_heads: int) -> jax.
     return -alibi_slopes(n_heads)[None, :, None, None] * offset_BxTxS[:, None]
 
 
+# ---- the KV cache (incremental decoding) ----------------------------------------------------
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Every layer's keys and values, S slots per row, filled left to right.
+
+    Only the K = n_kv_heads shared heads are cached: PaLM §2 (after Shazeer 2019) chose
+    multi-query attention because decoding is bound by reading this cache, and K = 1
+    makes it n_heads times smaller than multi-head attention's.
+
+    All rows write the same slot at each step; ``pos_BxS`` holds the position of the
+    token in each slot, negative for an empty slot or padding. A query at position p sees
+    exactly the slots with 0 <= position <= p, which is causal masking for every row,
+    whatever its padding.
+    """
+
+    k: tuple[jax.Array, ...]  # per layer: B x S x K x H, with RoPE already applied
+    v: tuple[jax.Array, ...]  # per layer: B x S x K x H
+    pos_BxS: jax.Array  # int32 position of each slot's token; -1 = empty or padding
+    length: jax.Array  # int32 scalar: slots filled so far; the next write starts here
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of cached K and V: B·S · ``accounting.kv_cache_bytes_per_token``."""
+        return sum(x.nbytes for x in self.k + self.v)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> KVCache:
+    """An empty cache for ``batch`` rows of up to ``max_len`` tokens (dtype: cfg.dtype).
+
+    Size it for prompt + new tokens: inside jit a write past ``max_len`` cannot raise, and
+    ``dynamic_update_slice`` would clamp it onto the last slots.
+    """
+    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_size)
+    zeros = [jnp.zeros(shape, jnp.dtype(dtype or cfg.dtype)) for _ in range(2 * cfg.n_layers)]
+    return KVCache(k=tuple(zeros[::2]), v=tuple(zeros[1::2]),
+                   pos_BxS=jnp.full((batch, max_len), -1, jnp.int32),
+                   length=jnp.zeros((), jnp.int32))
+
+
+class LayerCache(NamedTuple):
+    """One layer's share of a ``KVCache`` during a call: where to write, what is visible."""
+
+    k_BxSxKxH: jax.Array
+    v_BxSxKxH: jax.Array
+    start: jax.Array  # slot of the first new token
+    visible_Bx1xTxS: jax.Array  # 0 <= key position <= query position
+
+    def write(self, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array) -> "LayerCache":
+        """This cache with the T new keys and values stored from slot ``start`` on."""
+        def put(old_BxSxKxH, new_BxTxKxH):
+            new_BxTxKxH = new_BxTxKxH.astype(old_BxSxKxH.dtype)
+            return jax.lax.dynamic_update_slice(old_BxSxKxH, new_BxTxKxH, (0, self.start, 0, 0))
+        return self._replace(k_BxSxKxH=put(self.k_BxSxKxH, k_BxTxKxH),
+                             v_BxSxKxH=put(self.v_BxSxKxH, v_BxTxKxH))
+
+
+def visible_slots(q_pos_BxT: jax.Array, k_pos_BxS: jax.Array) -> jax.Array:
+    """The decoding mask: a filled, non-padding slot at or before the query's position."""
+    k_pos_Bx1xS = k_pos_BxS[:, None, :]
+    visible_BxTxS = (k_pos_Bx1xS >= 0) & (k_pos_Bx1xS <= q_pos_BxT[:, :, None])
+    return visible_BxTxS[:, None]
+
+
 # ---- the attention layer ------------------------------------------------------------------
 class Attention(nnx.Module):
     """Queries have N heads; keys and values K heads shared by groups of N / K queries."""
@@ -92,8 +161,10 @@ class Attention(nnx.Module):
         self.o = Dense(cfg, (N, H), (D,), ("heads", "head_dim"), ("embed",), rngs=rngs,
                        scale=out_scale)
 
-    def __call__(self, x_BxTxD: jax.Array, pos_BxT: jax.Array,
-                 bias_BxNxTxS: jax.Array | None) -> jax.Array:
+    def __call__(self, x_BxTxD: jax.Array, pos_BxT: jax.Array, bias_BxNxTxS: jax.Array | None,
+                 cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
+        """Training (``cache=None``): causal attention within x. Decoding: the new K/V are
+        written into the cache at ``cache.start`` and the T queries attend over all S slots."""
         q_BxTxNxH = self.q(x_BxTxD)
         k_BxSxKxH = self.k(x_BxTxD)
         v_BxSxKxH = self.v(x_BxTxD)
@@ -103,7 +174,16 @@ class Attention(nnx.Module):
         if bias_BxNxTxS is not None:
             bias_BxNxTxS = bias_BxNxTxS.astype(q_BxTxNxH.dtype)
         # jax.nn.dot_product_attention groups the N query heads over the K shared
-        # key/value heads itself (no repeated K/V) and picks cuDNN flash kernels on GPU.
+        # key/value heads itself (no repeated K/V).
+        if cache is None:
+            out_BxTxNxH = jax.nn.dot_product_attention(
+                q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, bias=bias_BxNxTxS, is_causal=True)
+            return self.o(out_BxTxNxH), None
+        # Decoding. A mask, not is_causal: JAX's causal mask lets query t see keys 0..t,
+        # which is wrong once the T queries sit after S - T earlier slots.
+        cache = cache.write(k_BxSxKxH, v_BxSxKxH)  # RoPE'd keys: rotated once, then cached
+        dtype = q_BxTxNxH.dtype
         out_BxTxNxH = jax.nn.dot_product_attention(
-            q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, bias=bias_BxNxTxS, is_causal=True)
-        return self.o(out_BxTxNxH)
+            q_BxTxNxH, cache.k_BxSxKxH.astype(dtype), cache.v_BxSxKxH.astype(dtype),
+            bias=bias_BxNxTxS, mask=cache.visible_Bx1xTxS)
+        return self.o(out_BxTxNxH), cache

@@ -2,7 +2,7 @@
 
 Read top to bottom, this file is PaLM §2 with each of its choices behind a config field:
 the block (parallel vs serial), the positions (added here or inside attention), tied
-embeddings and biases. Shapes: B batch, T length, D d_model, V vocab, N heads.
+embeddings and biases. Shapes: B batch, T length, D d_model, V vocab, N heads, S cache slots.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from palmlite.attention import Attention, RelativePositionBias, alibi_bias
+from palmlite.attention import (Attention, KVCache, LayerCache, RelativePositionBias,
+                                alibi_bias, visible_slots)
 from palmlite.config import ModelConfig
 from palmlite.layers import Norm, normal_param
 from palmlite.mlp import MLP
@@ -36,17 +37,25 @@ class Block(nnx.Module):
         self.mlp_norm = None if self.parallel else Norm(cfg)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x_BxTxD, pos_BxT, bias_BxNxTxS):
+    def __call__(self, x_BxTxD, pos_BxT, bias_BxNxTxS, cache: LayerCache | None):
         if self.parallel:  # PaLM §2: y = x + Attn(LN(x)) + MLP(LN(x)); ~15% faster at scale
             h_BxTxD = self.attn_norm(x_BxTxD)
-            return x_BxTxD + self.attn(h_BxTxD, pos_BxT, bias_BxNxTxS) + self.mlp(h_BxTxD)
+            a_BxTxD, cache = self.attn(h_BxTxD, pos_BxT, bias_BxNxTxS, cache)
+            return x_BxTxD + a_BxTxD + self.mlp(h_BxTxD), cache
         # serial (GPT-2, Gopher): y = x + MLP(LN(x + Attn(LN(x))))
-        x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), pos_BxT, bias_BxNxTxS)
-        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+        a_BxTxD, cache = self.attn(self.attn_norm(x_BxTxD), pos_BxT, bias_BxNxTxS, cache)
+        x_BxTxD = x_BxTxD + a_BxTxD
+        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), cache
 
 
 class Transformer(nnx.Module):
-    """``Transformer(cfg, rngs=nnx.Rngs(seed))(tokens_BxT) -> float32 logits_BxTxV``."""
+    """``Transformer(cfg, rngs=nnx.Rngs(seed))(tokens_BxT) -> float32 logits_BxTxV``.
+
+    With a cache (``attention.init_cache``), ``model(tokens_BxT, positions_BxT, cache)``
+    appends the T tokens to it and returns ``(logits_BxTxV, new_cache)``: prefill is one
+    call with the prompt, each decoding step one call with T = 1. A negative position
+    marks padding, which no query attends to.
+    """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -64,22 +73,47 @@ class Transformer(nnx.Module):
         self.unembed_DxV = None if cfg.tie_embeddings else normal_param(
             rngs, cfg, (D, cfg.vocab_size), ("embed", "vocab"), cfg.embed_init_std)
 
-    def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None) -> jax.Array:
+    def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
+                 cache: KVCache | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
+        cfg, T = self.cfg, tokens_BxT.shape[1]
+        if positions_BxT is None:  # consecutive positions, continuing after the cached ones
+            pos_T = jnp.arange(T) if cache is None else cache.length + jnp.arange(T)
+            positions_BxT = jnp.broadcast_to(pos_T, tokens_BxT.shape)
+        x_BxTxD = self.embed(tokens_BxT, positions_BxT)
+        if cache is None:  # training: the T tokens are the keys, attended causally
+            k_pos_BxS, layers = positions_BxT, [None] * cfg.n_layers
+        else:  # decoding: the T tokens join the cache; the keys are all of its S slots
+            k_pos_BxS = jax.lax.dynamic_update_slice(
+                cache.pos_BxS, positions_BxT.astype(jnp.int32), (0, cache.length))
+            visible_Bx1xTxS = visible_slots(positions_BxT, k_pos_BxS)
+            layers = [LayerCache(k, v, cache.length, visible_Bx1xTxS)
+                      for k, v in zip(cache.k, cache.v)]
+        bias_BxNxTxS = None  # relative / ALiBi: one bias for all layers, computed once
+        if cfg.position == "relative":
+            bias_BxNxTxS = self.relative_bias(positions_BxT, k_pos_BxS)
+        elif cfg.position == "alibi":
+            bias_BxNxTxS = alibi_bias(positions_BxT, k_pos_BxS, cfg.n_heads)
+        for i, block in enumerate(self.blocks):
+            x_BxTxD, layers[i] = block(x_BxTxD, positions_BxT, bias_BxNxTxS, layers[i])
+        logits_BxTxV = self.unembed(x_BxTxD)
+        if cache is None:
+            return logits_BxTxV
+        return logits_BxTxV, KVCache(k=tuple(c.k_BxSxKxH for c in layers),
+                                     v=tuple(c.v_BxSxKxH for c in layers),
+                                     pos_BxS=k_pos_BxS, length=cache.length + T)
+
+    def embed(self, tokens_BxT: jax.Array, positions_BxT: jax.Array) -> jax.Array:
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-        if positions_BxT is None:
-            positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
         x_BxTxD = self.embed_VxD[...][tokens_BxT].astype(dtype)
         if cfg.position == "learned":
             x_BxTxD = x_BxTxD + self.pos_embed_TxD[...][positions_BxT].astype(dtype)
         elif cfg.position == "sinusoidal":
             x_BxTxD = x_BxTxD + sinusoidal_embedding(positions_BxT, cfg.d_model).astype(dtype)
-        bias_BxNxTxS = None  # relative / ALiBi: one bias for all layers, computed once
-        if cfg.position == "relative":
-            bias_BxNxTxS = self.relative_bias(positions_BxT, positions_BxT)
-        elif cfg.position == "alibi":
-            bias_BxNxTxS = alibi_bias(positions_BxT, positions_BxT, cfg.n_heads)
-        for block in self.blocks:
-            x_BxTxD = block(x_BxTxD, positions_BxT, bias_BxNxTxS)
+        return x_BxTxD
+
+    def unembed(self, x_BxTxD: jax.Array) -> jax.Array:
+        """Final norm, then float32 logits."""
+        cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         x_BxTxD = self.final_norm(x_BxTxD)
         if cfg.tie_embeddings:  # PaLM §2: shared embedding, logits scaled by 1/sqrt(D)
             w_DxV = self.embed_VxD[...].T / math.sqrt(cfg.d_model)
