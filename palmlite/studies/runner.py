@@ -1,0 +1,110 @@
+"""``palmlite sweep``: run a study's notebook at every grid point with papermill.
+
+Each point runs in its own worker process (papermill's ``cwd`` handling is not
+thread-safe), at most ``workers`` at a time, into ``studies/runs/<study>/<point>.ipynb``.
+The notebook's ``record(...)`` writes its metrics to a file the runner names; the runner
+adds parameters, device, versions and duration and stores one line per point in
+``studies/results/<study>.jsonl``. Completed points are skipped on a re-run; a failing
+point is recorded with its error and executed-notebook path, the others still run, and the
+sweep ends with a non-zero status.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+from palmlite.studies.results import read_results, write_result
+from palmlite.studies.spec import Study, load_study
+
+KERNEL_START_ERRORS = ("Kernel died before replying", "Address already in use", "ZMQError",
+                       "Kernel didn't respond")
+
+
+def run_point(notebook: str, output: str, parameters: dict, timeout_s: int, env: dict) -> dict:
+    """Execute one point in this (worker) process; returns the recorded metrics."""
+    import papermill
+    os.environ.update(env)
+    fd, result_path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        for attempt in range(3):  # kernels started at once can race for ports: retry
+            try:
+                papermill.execute_notebook(notebook, output, kernel_name="python3",
+                                           parameters={**parameters, "result_path": result_path},
+                                           execution_timeout=timeout_s, progress_bar=False,
+                                           log_output=False)
+                break
+            except Exception as e:  # noqa: BLE001 - only kernel-start races are retried
+                if attempt == 2 or not any(s in str(e) for s in KERNEL_START_ERRORS):
+                    raise
+        text = Path(result_path).read_text()
+        if not text:
+            raise RuntimeError("the notebook finished without calling palmlite.studies.record()")
+        return json.loads(text)
+    finally:
+        os.unlink(result_path)
+
+
+def run_study(spec: str | Path, *, workers: int = 1, only: list[str] = (), dry_run: bool = False,
+              root: str | Path = ".") -> int:
+    """Run the pending points of a study; returns the number of failed points."""
+    study = load_study(spec)
+    root = Path(root)
+    results_path = root / "studies" / "results" / f"{study.name}.jsonl"
+    runs_dir = root / "studies" / "runs" / study.name
+    done = {r["point"] for r in read_results(results_path) if r["status"] == "ok"}
+    points = [p for p in study.points() if _matches(p, only)]
+    pending = [p for p in points if study.key(p) not in done]
+    print(f"study {study.name}: {len(points)} points, {len(points) - len(pending)} done, "
+          f"{len(pending)} to run with {workers} worker(s)")
+    if dry_run:
+        for p in points:
+            print(("  done  " if study.key(p) in done else "  todo  ") + study.key(p))
+        return 0
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"} if workers > 1 else {}
+    failed = 0
+    with futures.ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        jobs = {}
+        for p in pending:
+            output = runs_dir / f"{study.key(p)}.ipynb"
+            jobs[pool.submit(run_point, str(study.notebook), str(output), p, study.timeout_s, env)] = \
+                (p, output, time.time())
+        for job in futures.as_completed(jobs):
+            p, output, start = jobs[job]
+            row = _row(study, p, output, time.time() - start)
+            try:
+                row.update(status="ok", metrics=job.result())
+            except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
+                failed += 1
+                row.update(status="failed", error=f"{type(e).__name__}: {e}"[:2000])
+            write_result(results_path, row)
+            print(f"  {row['status']:6s} {row['point']}  ({row['duration_s']:.0f} s)")
+    if failed:
+        print(f"study {study.name}: {failed} point(s) failed; see their notebooks in {runs_dir}")
+    return failed
+
+
+def _matches(point: dict, only: list[str]) -> bool:
+    for condition in only:
+        key, sep, value = condition.partition("=")
+        if not sep:
+            raise ValueError(f"--only expects KEY=VALUE, got {condition!r}")
+        if key not in point:
+            raise ValueError(f"--only {condition!r}: no parameter {key!r}; parameters: {sorted(point)}")
+        if str(point[key]) != value:
+            return False
+    return True
+
+
+def _row(study: Study, point: dict, output: Path, duration: float) -> dict:
+    from palmlite import __version__
+    return dict(point=study.key(point), study=study.name, params=point, notebook=str(output),
+                duration_s=duration, finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                versions=dict(palmlite=__version__, python=platform.python_version()))

@@ -1,0 +1,96 @@
+"""Study specs: a notebook, a grid of parameters and seeds, and the figures they feed.
+
+    name: ablations
+    notebook: notebooks/04_ablation.ipynb
+    parameters: {preset: tiny, steps: 200}          # the same at every point
+    grid:
+      product: {block: [parallel, serial], position: [rope, learned]}   # every combination
+      zip: {d_model: [64, 128], n_layers: [2, 4]}   # varied together, in step
+    seeds: [0, 1]
+    figures: [ablation]
+
+The points are product × zip × seeds. Each point has a key (``block=serial,seed=1,...``)
+that names its executed notebook and its line in the results file. YAML is read with
+``yaml.safe_load``: a spec can describe data, never run code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+FIELDS = {"name", "notebook", "parameters", "grid", "seeds", "figures", "timeout_s", "description"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    name: str
+    notebook: Path
+    parameters: dict[str, Any]
+    product: dict[str, list]
+    zipped: dict[str, list]
+    seeds: list[int]
+    figures: list[str]
+    timeout_s: int
+    path: Path
+
+    def points(self) -> list[dict[str, Any]]:
+        """Every grid point's parameters (fixed ones included), in a stable order."""
+        names = list(self.product)
+        combos = [dict(zip(names, values)) for values in itertools.product(*self.product.values())]
+        zipped = [dict(zip(self.zipped, values)) for values in zip(*self.zipped.values())] or [{}]
+        return [{**self.parameters, **c, **z, "seed": s}
+                for c in combos for z in zipped for s in self.seeds]
+
+    def varied(self) -> list[str]:
+        return [*self.product, *self.zipped, "seed"]
+
+    def key(self, point: dict[str, Any]) -> str:
+        """``k=v,...`` over the varied parameters: unique per point, safe as a file name."""
+        text = ",".join(f"{k}={point[k]}" for k in sorted(self.varied()))
+        return re.sub(r"[^\w.=,+-]", "_", text)
+
+
+def load_study(path: str | Path) -> Study:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"study spec {str(path)!r} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a study spec is a mapping, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - FIELDS)
+    if unknown:
+        raise ValueError(f"{path}: unknown field(s) {unknown}; valid fields: {sorted(FIELDS)}")
+    for name in ("name", "notebook"):
+        if not isinstance(raw.get(name), str):
+            raise ValueError(f"{path}: field {name!r} is required and must be a string")
+    notebook = (path.parent / raw["notebook"]).resolve() if not Path(raw["notebook"]).is_absolute() \
+        else Path(raw["notebook"])
+    if not notebook.exists():
+        notebook = Path(raw["notebook"]).resolve()  # relative to the working directory
+    if not notebook.exists():
+        raise FileNotFoundError(f"{path}: notebook {raw['notebook']!r} does not exist")
+    grid = raw.get("grid") or {}
+    if not isinstance(grid, dict) or set(grid) - {"product", "zip"}:
+        raise ValueError(f"{path}: 'grid' takes 'product' and/or 'zip' mappings of lists")
+    product, zipped = grid.get("product") or {}, grid.get("zip") or {}
+    for kind, table in (("product", product), ("zip", zipped)):
+        if not isinstance(table, dict) or not all(isinstance(v, list) and v for v in table.values()):
+            raise ValueError(f"{path}: grid.{kind} must map each parameter to a non-empty list")
+    if len({len(v) for v in zipped.values()}) > 1:
+        raise ValueError(f"{path}: grid.zip lists must have equal lengths, got "
+                         f"{ {k: len(v) for k, v in zipped.items()} }")
+    overlap = (set(product) & set(zipped)) | ((set(product) | set(zipped)) & {"seed"})
+    if overlap:
+        raise ValueError(f"{path}: parameter(s) {sorted(overlap)} appear twice in the grid/seeds")
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ValueError(f"{path}: 'seeds' must be a non-empty list of integers")
+    return Study(name=raw["name"], notebook=notebook, parameters=dict(raw.get("parameters") or {}),
+                 product=product, zipped=zipped, seeds=seeds, figures=list(raw.get("figures") or []),
+                 timeout_s=int(raw.get("timeout_s", 1800)), path=path)

@@ -1,0 +1,97 @@
+import json
+
+import nbformat
+import pytest
+
+from palmlite.studies import load_study, read_results, run_study, write_result
+
+
+def make_notebook(path):
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("x = 1\nmode = 'a'\nseed = 0\nresult_path = None")
+    params.metadata["tags"] = ["parameters"]
+    body = nbformat.v4.new_code_cell(
+        "from palmlite.studies import record\n"
+        "if x == 3:\n    raise ValueError('boom at x=3')\n"
+        "record({'y': x * 10 + seed, 'mode': mode}, result_path)")
+    nb.cells = [nbformat.v4.new_markdown_cell("# test"), params, body]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+def make_study(tmp_path, text):
+    make_notebook(tmp_path / "nb.ipynb")
+    spec = tmp_path / "study.yaml"
+    spec.write_text(text)
+    return spec
+
+
+SPEC = """
+name: toy
+notebook: nb.ipynb
+parameters: {mode: b}
+grid:
+  product: {x: [1, 2]}
+seeds: [0, 5]
+"""
+
+
+def test_grid_is_product_times_zip_times_seeds(tmp_path):
+    spec = make_study(tmp_path, """
+name: g
+notebook: nb.ipynb
+parameters: {steps: 10}
+grid:
+  product: {a: [1, 2], b: [x, y]}
+  zip: {d: [64, 128], L: [2, 4]}
+seeds: [0, 1]
+""")
+    study = load_study(spec)
+    points = study.points()
+    assert len(points) == 2 * 2 * 2 * 2
+    assert {(p["d"], p["L"]) for p in points} == {(64, 2), (128, 4)}  # zipped, not crossed
+    assert all(p["steps"] == 10 for p in points)
+    assert len({study.key(p) for p in points}) == len(points)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("name: x\nnotebook: nb.ipynb\ngrid: {zip: {a: [1, 2], b: [1]}}\n", "equal lengths"),
+    ("name: x\nnotebook: nb.ipynb\nbogus: 1\n", "unknown field"),
+    ("name: x\nnotebook: nb.ipynb\nseeds: []\n", "seeds"),
+    ("name: x\nnotebook: nb.ipynb\ngrid: {product: {seed: [1]}}\n", "twice"),
+    ("notebook: nb.ipynb\n", "name"),
+])
+def test_bad_specs(tmp_path, text, match):
+    with pytest.raises(ValueError, match=match):
+        load_study(make_study(tmp_path, text))
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load_study(tmp_path / "missing.yaml")
+
+
+def test_results_file_has_one_line_per_point(tmp_path):
+    path = tmp_path / "r.jsonl"
+    write_result(path, {"point": "a", "status": "failed"})
+    write_result(path, {"point": "b", "status": "ok"})
+    write_result(path, {"point": "a", "status": "ok"})
+    assert [(r["point"], r["status"]) for r in read_results(path)] == [("b", "ok"), ("a", "ok")]
+
+
+@pytest.mark.slow
+def test_sweep_runs_resumes_and_records_failures(tmp_path, capsys):
+    spec = make_study(tmp_path, SPEC.replace("[1, 2]", "[1, 2, 3]"))
+    failed = run_study(spec, workers=2, root=tmp_path)
+    assert failed == 2  # x=3 at both seeds
+    rows = {r["point"]: r for r in read_results(tmp_path / "studies/results/toy.jsonl")}
+    assert len(rows) == 6
+    assert rows["seed=5,x=2"]["metrics"] == {"y": 25, "mode": "b"}
+    bad = rows["seed=0,x=3"]
+    assert bad["status"] == "failed" and "boom at x=3" in bad["error"]
+    assert (tmp_path / "studies/runs/toy/seed=0,x=3.ipynb").exists()
+    # A re-run skips the completed points and retries only the failures.
+    capsys.readouterr()
+    assert run_study(spec, only=["x=1"], root=tmp_path) == 0
+    assert "2 done, 0 to run" in capsys.readouterr().out
+    assert run_study(spec, dry_run=True, root=tmp_path) == 0
+    assert "4 done, 2 to run" in capsys.readouterr().out
+    lines = (tmp_path / "studies/results/toy.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and all(json.loads(l)["point"] for l in lines)
