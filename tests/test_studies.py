@@ -95,3 +95,23 @@ def test_sweep_runs_resumes_and_records_failures(tmp_path, capsys):
     assert "4 done, 2 to run" in capsys.readouterr().out
     lines = (tmp_path / "studies/results/toy.jsonl").read_text().splitlines()
     assert len(lines) == 6 and all(json.loads(l)["point"] for l in lines)
+
+
+def test_figures_are_drawn_from_rows_with_a_provenance_caption(tmp_path):
+    from palmlite.studies.figures import caption, make_figures
+    spec = make_study(tmp_path, "name: abl\nnotebook: nb.ipynb\ngrid: {product: {block: [a, b]}}\n"
+                                "seeds: [0, 1]\nfigures: [ablation, loss_curves]\n")
+    study = load_study(spec)
+    rows = [dict(point=study.key(p), status="ok", params=p, metrics=dict(
+        val_bits_per_byte=1.0 + 0.1 * (p["block"] == "b") + 0.01 * p["seed"],
+        device={"kind": "cpu"}, corpus={"name": "pystdlib", "fingerprint": "abcdef1234567"},
+        history=[{"tokens": 100, "val_loss": 3.0}, {"tokens": 200, "val_loss": 2.5}]))
+        for p in study.points()]
+    rows.append(dict(point="x", status="failed", params={}, metrics={}))
+    files = make_figures(study, rows, tmp_path / "figures")
+    assert sorted(f.name for f in files) == ["abl_ablation.png", "abl_ablation.svg",
+                                             "abl_loss_curves.png", "abl_loss_curves.svg"]
+    assert all(f.stat().st_size > 1000 for f in files)
+    assert "cpu" in caption(rows[:4]) and "pystdlib (abcdef1234)" in caption(rows[:4])
+    with pytest.raises(ValueError, match="unknown figure"):
+        load_study(make_study(tmp_path, "name: x\nnotebook: nb.ipynb\nfigures: [nope]\n"))

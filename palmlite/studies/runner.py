@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from palmlite.studies.figures import make_figures
 from palmlite.studies.results import read_results, write_result
 from palmlite.studies.spec import Study, load_study
 
@@ -86,6 +87,8 @@ def run_study(spec: str | Path, *, workers: int = 1, only: list[str] = (), dry_r
                 row.update(status="failed", error=f"{type(e).__name__}: {e}"[:2000])
             write_result(results_path, row)
             print(f"  {row['status']:6s} {row['point']}  ({row['duration_s']:.0f} s)")
+    for path in make_figures(study, read_results(results_path), root / "figures"):
+        print(f"  figure {path}")
     if failed:
         print(f"study {study.name}: {failed} point(s) failed; see their notebooks in {runs_dir}")
     return failed

@@ -88,6 +88,10 @@ def load_study(path: str | Path) -> Study:
     overlap = (set(product) & set(zipped)) | ((set(product) | set(zipped)) & {"seed"})
     if overlap:
         raise ValueError(f"{path}: parameter(s) {sorted(overlap)} appear twice in the grid/seeds")
+    from palmlite.studies.figures import FIGURES
+    unknown_figures = sorted(set(raw.get("figures") or []) - set(FIGURES))
+    if unknown_figures:
+        raise ValueError(f"{path}: unknown figure(s) {unknown_figures}; known: {sorted(FIGURES)}")
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ValueError(f"{path}: 'seeds' must be a non-empty list of integers")
