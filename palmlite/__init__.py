@@ -1,17 +1,19 @@
 """palmlite: PaLM / Gopher / GLaM design choices as toggles of one small JAX + Flax NNX library."""
 
+__version__ = "0.1.0"
+
 from palmlite import presets
 from palmlite.accounting import (PEAK_FLOPS, count_params, device_peak_flops, flops_per_token,
                                  kv_cache_bytes_per_token, mfu)
 from palmlite.attention import KVCache, init_cache
-from palmlite.config import ModelConfig
+from palmlite.config import ModelConfig, MoEConfig, TrainConfig
 from palmlite.losses import cross_entropy_and_z_loss
 from palmlite.model import Transformer
+from palmlite.presets import dense_twin, moe_twin
 
-__version__ = "0.1.0"
 
 __all__ = [
-    "ModelConfig", "Transformer", "presets", "count_params", "flops_per_token", "mfu",
+    "ModelConfig", "MoEConfig", "Transformer", "presets", "count_params", "flops_per_token", "mfu",
     "kv_cache_bytes_per_token", "device_peak_flops", "PEAK_FLOPS", "cross_entropy_and_z_loss",
-    "KVCache", "init_cache",
+    "KVCache", "init_cache", "dense_twin", "moe_twin", "TrainConfig",
 ]

@@ -34,25 +34,48 @@ def attention_params(cfg: ModelConfig) -> int:
     return weights + biases
 
 
-def mlp_params(cfg: ModelConfig) -> int:
-    D, F = cfg.d_model, cfg.d_ff
+def ffn_weights(cfg: ModelConfig) -> int:
+    """The kernels of one FFN (a dense MLP or one expert)."""
     n_in = 2 if cfg.gated else 1  # SwiGLU/GEGLU: gate and up; GELU/ReLU: up only
-    biases = (n_in * F + D) if cfg.use_bias else 0
-    return (n_in + 1) * D * F + biases
+    return (n_in + 1) * cfg.d_model * cfg.d_ff
+
+
+def mlp_params(cfg: ModelConfig) -> int:
+    n_in = 2 if cfg.gated else 1
+    return ffn_weights(cfg) + ((n_in * cfg.d_ff + cfg.d_model) if cfg.use_bias else 0)
+
+
+def ffn_params(cfg: ModelConfig, layer: int, active: bool = False) -> int:
+    """Layer ``layer``'s FFN: the dense MLP, or router + experts (+ shared expert).
+
+    ``active``: what one token touches, its top_k experts instead of all E (GLaM §3).
+    Experts have no biases (see ``MoEConfig``).
+    """
+    if not cfg.is_moe_layer(layer):
+        return mlp_params(cfg)
+    moe = cfg.moe
+    experts = moe.top_k if active else moe.n_experts
+    shared = mlp_params(cfg) if moe.shared_expert else 0
+    return cfg.d_model * moe.n_experts + experts * ffn_weights(cfg) + shared
 
 
 def norm_params(cfg: ModelConfig) -> int:
     return cfg.d_model * (2 if cfg.norm == "layernorm" and cfg.use_bias else 1)
 
 
-def count_params(cfg: ModelConfig) -> int:
-    """Number of parameters of ``Transformer(cfg)``, computed analytically."""
+def count_params(cfg: ModelConfig, active: bool = False) -> int:
+    """Number of parameters of ``Transformer(cfg)``, computed analytically.
+
+    ``active``: the parameters one token uses, which differ from the total only for a
+    mixture of experts (its top_k experts, the router and everything dense).
+    """
     norms_per_block = 1 if cfg.block == "parallel" else 2  # PaLM's parallel block shares one
-    block = attention_params(cfg) + mlp_params(cfg) + norms_per_block * norm_params(cfg)
+    block = attention_params(cfg) + norms_per_block * norm_params(cfg)
+    ffns = sum(ffn_params(cfg, i, active) for i in range(cfg.n_layers))
     embed = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
     position = {"learned": cfg.max_seq_len * cfg.d_model,
                 "relative": cfg.relative_buckets * cfg.n_heads}.get(cfg.position, 0)
-    return embed + position + cfg.n_layers * block + norm_params(cfg)
+    return embed + position + cfg.n_layers * block + ffns + norm_params(cfg)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
@@ -61,10 +84,12 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
     6N counts the forward (2N) and backward (4N) matmuls with every parameter; the
     second term is attention's q·k and p·v products over a context of T tokens (L layers,
     H heads of size Q). Rematerialised recomputation is not counted (that is HFU, not MFU).
-    N includes the embedding, as in PaLM's own 46.2% calculation.
+    N includes the embedding, as in PaLM's own 46.2% calculation. For a mixture of experts
+    N is the *active* count (GLaM §3): a token's FLOPs, not the model's size. The MoE's
+    dispatch and combine (data movement, or GShard's one-hot einsums) are not model FLOPs.
     """
     T = cfg.max_seq_len if seq_len is None else seq_len
-    return 6.0 * count_params(cfg) + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_size * T
+    return 6.0 * count_params(cfg, active=True) + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_size * T
 
 
 def mfu(tokens_per_second: float, cfg: ModelConfig, seq_len: int, peak_flops: float) -> float:

@@ -1,4 +1,4 @@
-"""The ``palmlite`` command line: ``presets``, ``train``, ``generate``."""
+"""The ``palmlite`` command line: ``presets``, ``train``, ``generate``, ``sweep``."""
 
 from __future__ import annotations
 
@@ -17,21 +17,25 @@ def _human(n: float, unit: str = "") -> str:
 
 
 def presets_table() -> str:
-    """One row per preset: shape, parameters, training FLOPs per token, KV-cache bytes."""
-    header = ("preset", "layers", "d_model", "heads", "kv", "head", "d_ff", "params",
-              "FLOPs/token", "KV bytes/token")
+    """One row per preset: shape, parameters (total and active), training FLOPs per token,
+    KV-cache bytes; MoE presets also by GLaM's name, dense base size / experts."""
+    header = ("preset", "layers", "d_model", "heads", "kv", "head", "d_ff", "B/E", "params",
+              "active", "FLOPs/token", "KV bytes/token")
     rows = [header]
     for name in presets.names():
         cfg = presets.get(name)
+        glam_name = "-" if cfg.moe is None else \
+            f"{_human(count_params(cfg.replace(moe=None)))}/{cfg.moe.n_experts}E"
         rows.append((name, cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_size,
-                     cfg.d_ff, _human(count_params(cfg)), _human(flops_per_token(cfg)),
+                     cfg.d_ff, glam_name, _human(count_params(cfg)),
+                     _human(count_params(cfg, active=True)), _human(flops_per_token(cfg)),
                      _human(kv_cache_bytes_per_token(cfg, "bfloat16"), "B")))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
     lines = ["  ".join(str(v).rjust(w) if i else str(v).ljust(w) for i, (v, w) in
                        enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
-    note = ("FLOPs/token: training (6N + 12·L·H·Q·T, PaLM App. B) at each preset's max_seq_len; "
-            "KV bytes/token: bf16 K and V over all layers.")
+    note = ("FLOPs/token: training (6N + 12·L·H·Q·T, PaLM App. B, N active) at each preset's "
+            "max_seq_len; KV bytes/token: bf16 K and V over all layers; B/E: GLaM's naming.")
     return "\n".join(lines + ["", note])
 
 
@@ -53,6 +57,11 @@ def _generate(args) -> None:
     model, tokenizer, _ = load_run(args.run)
     print(generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+
+
+def _sweep(args) -> int:
+    from palmlite.studies import run_study
+    return run_study(args.study, workers=args.workers, only=args.only, dry_run=args.dry_run)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,12 +87,20 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
+    w = sub.add_parser("sweep", help="run a study's notebook over its grid with papermill")
+    w.add_argument("study", help="a study spec, e.g. studies/quick.yaml")
+    w.add_argument("--workers", type=int, default=1, help="notebooks run at once (processes)")
+    w.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
+                   help="run only the points whose parameter KEY equals VALUE")
+    w.add_argument("--dry-run", action="store_true", help="list the points and what is done")
     args = parser.parse_args(argv)
     try:
         if args.command == "presets":
             print(presets_table())
         elif args.command == "train":
             _train(args)
+        elif args.command == "sweep":
+            return 1 if _sweep(args) else 0
         else:
             _generate(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:

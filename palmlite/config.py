@@ -22,6 +22,51 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """A GLaM / Switch mixture of experts replacing the FFN of every ``every``-th layer.
+
+    The MoE layers are those with index i where (i + 1) % every == 0: with GLaM's
+    every=2 the 2nd, 4th, ... layers are sparse and the first layer stays dense (GLaM §3);
+    every=1 makes every layer an MoE (Switch). ``capacity_factor`` also picks the dispatch:
+    a float is GShard's fixed-capacity einsum (tokens over an expert's capacity skip it and
+    ride the residual), None is dropless (tokens sorted by expert, one grouped matmul).
+    Experts use the model's activation toggle and, like Switch's T5 experts, no biases.
+    """
+
+    n_experts: int = 8  # E; GLaM: 64
+    top_k: int = 2  # experts per token: 1 Switch, 2 GLaM/GShard
+    every: int = 2  # GLaM: every other FFN is an MoE
+    capacity_factor: float | None = 1.25  # C = ceil(k·tokens/E · factor); None: dropless
+    aux_loss_coef: float = 0.01  # Switch §2.2 load balancing α (GLaM also 0.01)
+    router_z_loss_coef: float = 1e-3  # ST-MoE §3.1
+    router_init_scale: float = 0.1  # Switch §2.4: router init 10x smaller than the default
+    shared_expert: bool = False  # a dense FFN every token also goes through (DeepSeekMoE)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        req = lambda ok, name, allowed: _require(ok, name, getattr(self, name), allowed, "MoEConfig")
+        for f in dataclasses.fields(self):
+            _check_type(f, getattr(self, f.name), "MoEConfig")
+        for name in ("n_experts", "top_k", "every"):
+            req(getattr(self, name) > 0, name, "a positive integer")
+        req(self.top_k <= self.n_experts, "top_k", f"at most n_experts={self.n_experts}")
+        req(self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor",
+            "a positive number or None (dropless)")
+        for name in ("aux_loss_coef", "router_z_loss_coef"):
+            req(getattr(self, name) >= 0, name, "a number >= 0")
+        req(self.router_init_scale > 0, "router_init_scale", "a positive number")
+
+    def replace(self, **changes: Any) -> "MoEConfig":
+        return _replace(self, changes)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MoEConfig":
+        return cls().replace(**d)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only Transformer. The defaults are PaLM's choices at a laptop size.
 
@@ -58,6 +103,7 @@ class ModelConfig:
     relative_max_distance: int = 128  # distance from which all offsets share one bucket
     embed_init_std: float = 0.02  # GPT-2's 0.02 (PaLM's N(0,1): see the class docstring)
     init_scale: float = 1.0  # multiplies the fan-in (1/sqrt(fan_in)) std of every kernel
+    moe: MoEConfig | None = None  # GLaM: mixture-of-experts FFNs (None: dense)
 
     def __post_init__(self):
         self.validate()
@@ -101,12 +147,19 @@ class ModelConfig:
         if self.position == "sinusoidal":
             _require(self.d_model % 2 == 0, "d_model", self.d_model,
                      "an even width with position='sinusoidal' (sin/cos pairs)")
+        if self.moe is not None:
+            _require(self.moe.every <= self.n_layers, "moe", self.moe,
+                     f"every <= n_layers={self.n_layers} (else no layer is an MoE)")
         if self.position == "relative":
             _require(self.relative_buckets >= 2, "relative_buckets", self.relative_buckets,
                      "at least 2 (half exact offsets, half log-spaced)")
             _require(self.relative_max_distance > self.relative_buckets // 2,
                      "relative_max_distance", self.relative_max_distance,
                      f"more than relative_buckets // 2 = {self.relative_buckets // 2}")
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether layer i's FFN is a mixture of experts (see ``MoEConfig``)."""
+        return self.moe is not None and (i + 1) % self.moe.every == 0
 
     # ---- copies and serialisation --------------------------------------------------
     def replace(self, **changes: Any) -> "ModelConfig":
@@ -119,6 +172,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         """Inverse of ``to_dict``; unknown keys raise ``ValueError`` listing the valid ones."""
+        if isinstance(d.get("moe"), dict):
+            d = {**d, "moe": MoEConfig.from_dict(d["moe"])}
         return cls().replace(**d)
 
 
@@ -128,7 +183,8 @@ def _require(ok: bool, name: str, value: Any, allowed: str, owner: str = "ModelC
 
 
 _TYPES = {"int": (int,), "int | None": (int, type(None)), "float": (int, float), "bool": (bool,),
-          "str": (str,)}
+          "str": (str,), "float | None": (int, float, type(None)),
+          "MoEConfig | None": (MoEConfig, type(None))}
 
 
 def _check_type(f: dataclasses.Field, value: Any, owner: str = "ModelConfig") -> None:
@@ -237,19 +293,24 @@ class TrainConfig:
 def parse_overrides(assignments: list[str], model: ModelConfig, train: TrainConfig):
     """Apply CLI overrides such as ``model.block=serial`` or ``train.lr=3e-4``, typed by field.
 
-    Values are parsed as JSON where possible (numbers, true/false, null), else kept as text;
-    the result is validated like any config. Unknown keys list the valid ones.
+    ``model.moe.FIELD=VALUE`` sets one MoEConfig field (starting from the defaults if the
+    model is dense); ``model.moe=null`` makes it dense. Values are parsed as JSON where
+    possible (numbers, true/false, null), else kept as text; the result is validated like
+    any config. Unknown keys list the valid ones.
     """
-    changes: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+    changes: dict[str, dict[str, Any]] = {"model": {}, "train": {}, "model.moe": {}}
     valid = [f"model.{f.name}" for f in dataclasses.fields(model)] + \
+        [f"model.moe.{f.name}" for f in dataclasses.fields(MoEConfig)] + \
         [f"train.{f.name}" for f in dataclasses.fields(train)]
     for assignment in assignments:
         key, sep, raw = assignment.partition("=")
         if not sep or key not in valid:
             raise ValueError(f"unknown override {assignment!r}: expected KEY=VALUE with KEY one "
                              f"of {valid}")
-        section, name = key.split(".", 1)
+        section, name = key.rsplit(".", 1)
         changes[section][name] = _parse_value(raw)
+    if changes["model.moe"]:
+        changes["model"]["moe"] = (model.moe or MoEConfig()).replace(**changes["model.moe"])
     return model.replace(**changes["model"]), train.replace(**changes["train"])
 
 

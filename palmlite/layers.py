@@ -1,7 +1,7 @@
 """The two building bricks every module uses: a dense (einsum) layer and a norm.
 
 Every parameter is created here with its **logical axis names** (``vocab``, ``embed``,
-``heads``, ``kv_heads``, ``head_dim``, ``mlp``) as ``out_sharding`` metadata, so a
+``heads``, ``kv_heads``, ``head_dim``, ``mlp``, ``expert``) as ``out_sharding`` metadata, so a
 device mesh can later shard the model by rules alone (``nnx.get_partition_spec``).
 Parameters are stored in ``cfg.param_dtype`` and cast to ``cfg.dtype`` for compute.
 """

@@ -18,6 +18,7 @@ from palmlite.attention import (Attention, KVCache, LayerCache, RelativePosition
 from palmlite.config import ModelConfig
 from palmlite.layers import Norm, normal_param
 from palmlite.mlp import MLP
+from palmlite.moe import MoE, MoEStats
 
 
 def sinusoidal_embedding(pos_BxT: jax.Array, d_model: int) -> jax.Array:
@@ -29,23 +30,30 @@ def sinusoidal_embedding(pos_BxT: jax.Array, d_model: int) -> jax.Array:
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, i: int, *, rngs: nnx.Rngs):
         self.parallel = cfg.block == "parallel"
         self.attn_norm = Norm(cfg)
         self.attn = Attention(cfg, rngs=rngs)
         # PaLM's parallel block feeds attention and MLP from the same normalised input.
         self.mlp_norm = None if self.parallel else Norm(cfg)
-        self.mlp = MLP(cfg, rngs=rngs)
+        # GLaM §3: a mixture of experts replaces the FFN of every `moe.every`-th layer.
+        self.mlp = MoE(cfg, rngs=rngs) if cfg.is_moe_layer(i) else MLP(cfg, rngs=rngs)
+
+    def ffn(self, h_BxTxD) -> tuple[jax.Array, MoEStats | None]:
+        """The FFN's output, and its routing statistics if it is a mixture of experts."""
+        return self.mlp(h_BxTxD) if isinstance(self.mlp, MoE) else (self.mlp(h_BxTxD), None)
 
     def __call__(self, x_BxTxD, pos_BxT, bias_BxNxTxS, cache: LayerCache | None):
         if self.parallel:  # PaLM §2: y = x + Attn(LN(x)) + MLP(LN(x)); ~15% faster at scale
             h_BxTxD = self.attn_norm(x_BxTxD)
             a_BxTxD, cache = self.attn(h_BxTxD, pos_BxT, bias_BxNxTxS, cache)
-            return x_BxTxD + a_BxTxD + self.mlp(h_BxTxD), cache
+            f_BxTxD, stats = self.ffn(h_BxTxD)
+            return x_BxTxD + a_BxTxD + f_BxTxD, cache, stats
         # serial (GPT-2, Gopher): y = x + MLP(LN(x + Attn(LN(x))))
         a_BxTxD, cache = self.attn(self.attn_norm(x_BxTxD), pos_BxT, bias_BxNxTxS, cache)
         x_BxTxD = x_BxTxD + a_BxTxD
-        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), cache
+        f_BxTxD, stats = self.ffn(self.mlp_norm(x_BxTxD))
+        return x_BxTxD + f_BxTxD, cache, stats
 
 
 class Transformer(nnx.Module):
@@ -67,7 +75,7 @@ class Transformer(nnx.Module):
         self.pos_embed_TxD = normal_param(rngs, cfg, (cfg.max_seq_len, D), (None, "embed"),
                                           cfg.embed_init_std) if learned else None
         self.relative_bias = RelativePositionBias(cfg, rngs=rngs) if relative else None
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
         self.final_norm = Norm(cfg)
         # An untied output embedding starts like the input one, so logits start small.
         self.unembed_DxV = None if cfg.tie_embeddings else normal_param(
@@ -75,6 +83,12 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
                  cache: KVCache | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
+        logits_BxTxV, cache, _ = self.forward(tokens_BxT, positions_BxT, cache)
+        return logits_BxTxV if cache is None else (logits_BxTxV, cache)
+
+    def forward(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
+                cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None, list[MoEStats]]:
+        """``__call__``'s work, plus the statistics of each MoE layer (``moe.moe_stats``)."""
         cfg, T = self.cfg, tokens_BxT.shape[1]
         if positions_BxT is None:  # consecutive positions, continuing after the cached ones
             pos_T = jnp.arange(T) if cache is None else cache.length + jnp.arange(T)
@@ -93,14 +107,16 @@ class Transformer(nnx.Module):
             bias_BxNxTxS = self.relative_bias(positions_BxT, k_pos_BxS)
         elif cfg.position == "alibi":
             bias_BxNxTxS = alibi_bias(positions_BxT, k_pos_BxS, cfg.n_heads)
+        stats = []
         for i, block in enumerate(self.blocks):
-            x_BxTxD, layers[i] = block(x_BxTxD, positions_BxT, bias_BxNxTxS, layers[i])
+            x_BxTxD, layers[i], layer_stats = block(x_BxTxD, positions_BxT, bias_BxNxTxS, layers[i])
+            stats += [layer_stats] if layer_stats is not None else []
         logits_BxTxV = self.unembed(x_BxTxD)
         if cache is None:
-            return logits_BxTxV
+            return logits_BxTxV, None, stats
         return logits_BxTxV, KVCache(k=tuple(c.k_BxSxKxH for c in layers),
                                      v=tuple(c.v_BxSxKxH for c in layers),
-                                     pos_BxS=k_pos_BxS, length=cache.length + T)
+                                     pos_BxS=k_pos_BxS, length=cache.length + T), stats
 
     def embed(self, tokens_BxT: jax.Array, positions_BxT: jax.Array) -> jax.Array:
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)

@@ -1,12 +1,14 @@
 """Named model sizes: the papers' tables and teaching sizes for a laptop CPU.
 
 ``presets.get(name)`` returns a validated ``ModelConfig``; ``presets.names()`` lists them.
-Paper shapes come from PaLM Table 1, Gopher Table 1 and GPT-2 (Radford et al. 2019).
+Paper shapes come from PaLM Table 1, Gopher Table 1, GPT-2 (Radford et al. 2019) and
+GLaM Table 1. ``dense_twin`` / ``moe_twin`` convert between an MoE and the dense model with
+the same FLOPs per token.
 """
 
 from __future__ import annotations
 
-from palmlite.config import ModelConfig
+from palmlite.config import ModelConfig, MoEConfig
 
 # PaLM §2: SwiGLU, parallel blocks, multi-query, RoPE, tied embeddings, no biases,
 # 256k vocabulary, head size 256 at every scale, d_ff = 4 d_model, 2048 context.
@@ -19,6 +21,14 @@ GOPHER = dict(vocab_size=32_000, max_seq_len=2048, norm="rmsnorm", activation="g
 # GPT-2: learned positions, GELU, serial, LayerNorm with biases everywhere, tied, 1024 context.
 GPT2 = dict(vocab_size=50_257, max_seq_len=1024, norm="layernorm", activation="gelu",
             block="serial", position="learned", tie_embeddings=True, use_bias=True)
+# GLaM §3/§4: the FFN of every other layer is a top-2 MoE of 64 experts, GEGLU FFNs
+# (gated GELU), relative position biases, 256k SentencePiece vocabulary, 1024 context,
+# serial blocks, multi-head attention. Not in our notes (GLaM inherits them from
+# GShard/Lingvo; treat as guesses): LayerNorm without biases, tied embeddings. GLaM's
+# relative bias is per layer; palmlite's is one T5 table shared by all layers.
+GLAM = dict(vocab_size=256_000, max_seq_len=1024, norm="layernorm", activation="geglu",
+            block="serial", position="relative", tie_embeddings=True, use_bias=False,
+            moe=MoEConfig(n_experts=64, top_k=2, every=2))
 # Teaching sizes: PaLM's toggles (the ModelConfig defaults), small enough for a laptop CPU.
 TEACHING = dict(vocab_size=8192, n_kv_heads=1, norm="rmsnorm")
 
@@ -35,6 +45,11 @@ def _gopher(n_layers, n_heads, head_dim, d_model):
 def _gpt2(n_layers, n_heads, d_model):
     return dict(GPT2, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads, d_model=d_model,
                 d_ff=4 * d_model)
+
+
+def _glam(n_layers, n_heads, d_model, d_ff):
+    return dict(GLAM, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads, d_model=d_model,
+                d_ff=d_ff)
 
 
 def _teaching(n_layers, n_heads, d_model, max_seq_len):
@@ -60,6 +75,14 @@ _PRESETS: dict[str, dict] = {
     "gpt2-350m": _gpt2(24, 16, 1024),
     "gpt2-774m": _gpt2(36, 20, 1280),
     "gpt2-1.5b": _gpt2(48, 25, 1600),
+    # GLaM's "B/E" names: the dense base model's size / the number of experts.
+    "glam-0.1b-64e": _glam(12, 12, 768, 3072),
+    "glam-1.7b-64e": _glam(24, 16, 2048, 8192),
+    "glam-8b-64e": _glam(32, 32, 4096, 16384),
+    "glam-64b-64e": _glam(64, 128, 8192, 32768),
+    # Teaching MoEs: PaLM's toggles with GLaM's every-other-layer top-2 routing.
+    "tiny-moe-4e": dict(_teaching(2, 4, 64, 128), moe=MoEConfig(n_experts=4, top_k=2, every=2)),
+    "small-moe-8e": dict(_teaching(4, 4, 128, 256), moe=MoEConfig(n_experts=8, top_k=2, every=2)),
 }
 
 
@@ -72,3 +95,28 @@ def get(name: str, **overrides) -> ModelConfig:
     if name not in _PRESETS:
         raise ValueError(f"unknown preset {name!r}; available presets: {names()}")
     return ModelConfig(**{**_PRESETS[name], **overrides})
+
+
+def _ffn_scale(cfg: ModelConfig, moe: MoEConfig) -> float:
+    """Active FFN width of the MoE model over that of its base: each MoE layer runs top_k
+    experts (plus the shared one), each as wide as the base FFN."""
+    n_moe = cfg.n_layers // moe.every
+    return (cfg.n_layers + (moe.top_k + moe.shared_expert - 1) * n_moe) / cfg.n_layers
+
+
+def dense_twin(cfg: ModelConfig) -> ModelConfig:
+    """The dense model with (nearly) the FLOPs per token of the MoE ``cfg``.
+
+    Every layer's d_ff grows so that the FFN FLOPs summed over layers match: with top-2
+    on every other layer, d_ff x 1.5. Unmatched: the router's D·E per MoE layer (< 1% at
+    any preset size) and d_ff's rounding to an integer.
+    """
+    return cfg.replace(moe=None, d_ff=round(cfg.d_ff * _ffn_scale(cfg, cfg.moe)))
+
+
+def moe_twin(cfg: ModelConfig, n_experts: int, top_k: int = 2, every: int = 2,
+             **moe_fields) -> ModelConfig:
+    """The MoE with (nearly) the FLOPs per token of the dense ``cfg``: the inverse of
+    ``dense_twin``, each expert as wide as d_ff / the active width ratio."""
+    moe = MoEConfig(n_experts=n_experts, top_k=top_k, every=every, **moe_fields)
+    return cfg.replace(moe=moe, d_ff=round(cfg.d_ff / _ffn_scale(cfg, moe)))

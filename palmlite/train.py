@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from palmlite import __version__
-from palmlite.accounting import device_peak_flops, flops_per_token
+from palmlite.accounting import count_params, device_peak_flops, flops_per_token
 from palmlite.checkpoint import Checkpointer
 from palmlite.config import ModelConfig, TrainConfig
 from palmlite.data import TokenDataset, get_tokenizer, load_corpus
@@ -32,6 +32,7 @@ from palmlite.evaluate import evaluate
 from palmlite.files import atomic_write_text
 from palmlite.losses import cross_entropy_and_z_loss
 from palmlite.model import Transformer
+from palmlite.moe import moe_stats
 from palmlite import schedules
 from palmlite import presets
 
@@ -48,17 +49,41 @@ class TrainResult:
     run_dir: Path | None
     model_config: ModelConfig
     train_config: TrainConfig
+    info: dict  # what config.json records: configs, data fingerprints, device, versions
 
     def history(self, key: str) -> tuple[list[int], list[float]]:
         """(steps, values) of one metric, skipping lines that do not have it."""
         rows = [m for m in self.metrics if m.get(key) is not None]
         return [m["step"] for m in rows], [m[key] for m in rows]
 
+    def summary(self) -> dict:
+        """One flat record of the run for a study's results file: final metrics, sizes,
+        the metric history, and the provenance (device, corpus, tokenizer, configs, seed)."""
+        final = self.metrics[-1]
+        data = self.info["data"]
+        return dict(
+            loss=final["loss"], val_loss=final.get("val_loss"),
+            val_bits_per_byte=final.get("val_bits_per_byte"), tokens=final["tokens"],
+            steps=final["step"], epochs=final["epoch"], tokens_per_s=final["tokens_per_s"],
+            params=count_params(self.model_config),
+            flops_per_token=flops_per_token(self.model_config, self.train_config.seq_len),
+            seed=self.train_config.seed, history=self.metrics, device=self.info["device"],
+            corpus={k: data["corpus"][k] for k in ("name", "fingerprint")},
+            tokenizer={k: data["tokenizer"][k] for k in ("name", "fingerprint")},
+            model=self.info["model"], train=self.info["train"], versions=self.info["versions"])
+
 
 def compute_loss(model, batch_BxT1, z_loss_coef):
-    """Cross-entropy + z_loss_coef · log²Z on next-token targets; returns (loss, (ce, z))."""
-    ce, z = cross_entropy_and_z_loss(model(batch_BxT1[:, :-1]), batch_BxT1[:, 1:])
-    return ce + z_loss_coef * z, (ce, z)
+    """Cross-entropy + z_loss_coef · log²Z on next-token targets, plus a mixture of experts'
+    load-balancing (Switch §2.2) and router z (ST-MoE) losses; returns (loss, metrics)."""
+    logits_BxTxV, _, per_layer = model.forward(batch_BxT1[:, :-1])
+    ce, z = cross_entropy_and_z_loss(logits_BxTxV, batch_BxT1[:, 1:])
+    loss, metrics = ce + z_loss_coef * z, dict(loss=ce, z_loss=z)
+    if per_layer:
+        moe, stats = model.cfg.moe, moe_stats(per_layer)
+        loss += moe.aux_loss_coef * stats["aux_loss"] + moe.router_z_loss_coef * stats["router_z_loss"]
+        metrics.update(stats)
+    return loss, metrics
 
 
 def init_state(cfg: ModelConfig, tc: TrainConfig, abstract: bool = False):
@@ -80,7 +105,7 @@ def make_train_step(graphdef, tx, z_loss_coef: float):
         def loss_fn(params):
             return compute_loss(nnx.merge(graphdef, params), batch_BxT1, z_loss_coef)
 
-        (loss, (ce, z)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = jax.tree.map(lambda p, u: p + u.astype(p.dtype), state["params"], updates)
         finite = jnp.isfinite(loss)
@@ -90,7 +115,7 @@ def make_train_step(graphdef, tx, z_loss_coef: float):
                          step=state["step"] + 1,
                          bad_step=jnp.where((state["bad_step"] < 0) & ~finite, state["step"],
                                             state["bad_step"]))
-        return new_state, dict(loss=ce, z_loss=z, grad_norm=_global_norm(grads))
+        return new_state, dict(metrics, grad_norm=_global_norm(grads))
 
     return jax.jit(step_fn, donate_argnums=0)
 
@@ -129,14 +154,17 @@ def train(model: ModelConfig | str = "small", config: TrainConfig | None = None,
         restored = ckpt.restore_latest(state)
         if restored is not None:
             start, state, _ = restored
+    info = _run_info(cfg, tc, tokenizer, corpus, train_ds, val_ds)
     if run_dir is not None:
-        _write_run_config(run_dir, cfg, tc, tokenizer, corpus, train_ds, val_ds)
+        if tokenizer.path is not None:  # keep the vocabulary with the run
+            shutil.copyfile(tokenizer.path, run_dir / "tokenizer.model")
+        atomic_write_text(run_dir / "config.json", json.dumps(info, indent=1))
     loop = _Loop(tc, cfg, graphdef, schedule, batches, val_ds, train_ds, run_dir, ckpt)
     state = loop.run(make_train_step(graphdef, tx, tc.z_loss), state, start)
     if ckpt is not None:
         ckpt.close()
     return TrainResult(nnx.merge(graphdef, state["params"]), tokenizer, loop.metrics, run_dir,
-                       cfg, tc)
+                       cfg, tc, info)
 
 
 class _Loop:
@@ -166,6 +194,7 @@ class _Loop:
             evaluate_now = done == total or _every(done, tc.eval_every)
             save_now = done == total or _every(done, tc.checkpoint_every)
             if evaluate_now or save_now or _every(done, tc.log_every):
+                pending = jax.device_get(pending)  # the only host sync: once per log interval
                 self._log(state, pending, done, time.perf_counter() - t0, bar, evaluate_now)
                 if save_now:
                     self._checkpoint(state, done)
@@ -174,7 +203,7 @@ class _Loop:
         return state
 
     def _log(self, state, pending, done, elapsed, bar, evaluate_now: bool):
-        got = jax.device_get(pending)  # the only host sync: once per log interval
+        got = pending  # already on the host: read after the interval's steps finished
         self._check_finite(state)
         tc = self.tc
         tokens_per_s = len(got) * tc.batch_size * tc.seq_len / elapsed
@@ -185,6 +214,10 @@ class _Loop:
                    grad_norm=float(got[-1]["grad_norm"]), lr=float(self.schedule(done - 1)),
                    bits_per_byte=self.train_ds.bits_per_byte(loss), tokens_per_s=tokens_per_s,
                    mfu=None if self.peak is None else tokens_per_s * self.flops_per_token / self.peak)
+        if "expert_load" in got[-1]:  # a mixture of experts: interval means
+            row.update({k: sum(float(m[k]) for m in got) / len(got)
+                        for k in ("aux_loss", "router_z_loss", "dropped_fraction")},
+                       expert_load=(sum(m["expert_load"] for m in got) / len(got)).tolist())
         if evaluate_now:
             ev = evaluate(nnx.merge(self.graphdef, state["params"]), self.val_ds, tc.seq_len,
                           tc.batch_size, tc.eval_batches)
@@ -258,18 +291,15 @@ def _prepare_run_dir(run_dir: Path, cfg: ModelConfig, tc: TrainConfig, resume: b
     return ModelConfig.from_dict(saved["model"]), tc
 
 
-def _write_run_config(run_dir, cfg, tc, tokenizer, corpus, train_ds, val_ds) -> None:
-    if tokenizer.path is not None:  # keep the vocabulary with the run
-        shutil.copyfile(tokenizer.path, run_dir / "tokenizer.model")
+def _run_info(cfg, tc, tokenizer, corpus, train_ds, val_ds) -> dict:
     device = jax.devices()[0]
-    info = dict(model=cfg.to_dict(), train=tc.to_dict(),
+    return dict(model=cfg.to_dict(), train=tc.to_dict(),
                 data=dict(corpus=corpus.to_dict(), tokenizer=tokenizer.to_dict(),
                           train=train_ds.to_dict(), validation=val_ds.to_dict()),
                 device=dict(platform=device.platform, kind=device.device_kind,
                             count=jax.device_count()),
                 versions=dict(palmlite=__version__, jax=jax.__version__, python=platform.python_version(),
                               **{m: _version(m) for m in ("flax", "optax", "orbax.checkpoint")}))
-    atomic_write_text(run_dir / "config.json", json.dumps(info, indent=1))
 
 
 def _version(module: str) -> str | None:

@@ -1,6 +1,7 @@
 import json
 import math
 import shutil
+import time
 
 import jax
 import numpy as np
@@ -167,3 +168,17 @@ def test_cli_train_then_generate(corpus, tmp_path, capsys):
     assert cli.main(["generate", "--run", out, "--prompt", "the cat", "--max-new-tokens", "8",
                      "--temperature", "0"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_tokens_per_second_is_measured_after_the_steps_finished(corpus, tmp_path, monkeypatch):
+    """JAX dispatches steps asynchronously: the interval's clock must stop only once its
+    results are on the host. Fetching is made to take 50 ms, which the rate must include."""
+    device_get = jax.device_get
+
+    def slow_device_get(x):
+        time.sleep(0.05)
+        return device_get(x)
+
+    monkeypatch.setattr(train_module.jax, "device_get", slow_device_get)
+    result = train(MODEL, config(corpus, steps=20, checkpoint_every=0), out=None)
+    assert max(m["tokens_per_s"] for m in result.metrics) < 10 * 4 * 32 / 0.05

@@ -1,0 +1,160 @@
+"""GLaM's mixture-of-experts FFN: router -> top-k -> dispatch -> E expert FFNs -> combine.
+
+Shapes: B sequences of T tokens, N = B·T, D d_model, F d_ff, E experts, K top_k, C capacity,
+M = N·K routed token-slots. Two dispatches compute the same function:
+
+- ``capacity_factor`` set: GShard's einsum. In each sequence (a GShard group) each expert
+  has C slots; slots go to all first choices before any second choice (GShard §2.2), and
+  a token-slot that finds its expert full is dropped: it contributes nothing, so the
+  token rides the residual.
+- ``capacity_factor=None``: dropless. Token-slots are sorted by expert and each expert's
+  contiguous group goes through one grouped matmul (``jax.lax.ragged_dot``).
+
+The layer returns its auxiliary losses and statistics next to its output, and
+``Transformer.forward`` hands them up (``model(tokens)`` still returns logits only). They
+are return values rather than ``sow``-ed state: sowing outside ``nnx.capture`` is deprecated
+in Flax 0.12, and it would mutate the module inside the decoding loop's trace.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from palmlite.config import ModelConfig
+from palmlite.layers import normal_param
+from palmlite.mlp import ACTIVATION_FNS, MLP
+
+
+class Routing(NamedTuple):
+    gates_NxK: jax.Array  # float32 combine weights of the chosen experts
+    experts_NxK: jax.Array  # int32 expert ids, best first
+    aux_loss: jax.Array  # Switch §2.2 load balance E·Σ f_i P_i (1 when balanced), unscaled
+    router_z_loss: jax.Array  # ST-MoE: mean (log Σ exp logits)², unscaled
+    load_E: jax.Array  # f_i: fraction of the M token-slots routed to expert i
+
+
+class MoEStats(NamedTuple):
+    aux_loss: jax.Array
+    router_z_loss: jax.Array
+    load_E: jax.Array
+    dropped_fraction: jax.Array  # token-slots over capacity (0 when dropless)
+
+
+def route(logits_NxE: jax.Array, top_k: int) -> Routing:
+    """Top-k routing on float32 logits (Switch §2.4: bf16 routers are unstable)."""
+    E = logits_NxE.shape[-1]
+    probs_NxE = jax.nn.softmax(logits_NxE, axis=-1)
+    gates_NxK, experts_NxK = jax.lax.top_k(probs_NxE, top_k)
+    if top_k > 1:  # GLaM/GShard: renormalise over the chosen experts. Top-1 keeps p_i
+        gates_NxK = gates_NxK / gates_NxK.sum(-1, keepdims=True)  # (Switch §2.1), else 1
+    load_E = jax.nn.one_hot(experts_NxK, E).sum((0, 1)) / experts_NxK.size
+    aux_loss = E * jnp.sum(load_E * probs_NxE.mean(0))  # gradient flows through P_i only
+    router_z_loss = jnp.mean(jax.nn.logsumexp(logits_NxE, axis=-1) ** 2)
+    return Routing(gates_NxK, experts_NxK.astype(jnp.int32), aux_loss, router_z_loss, load_E)
+
+
+def capacity(n_tokens: int, top_k: int, n_experts: int, factor: float) -> int:
+    """Switch §2.2: slots per expert = tokens·k / E · capacity factor (at least 1)."""
+    return max(1, math.ceil(n_tokens * top_k / n_experts * factor))
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        moe, D, F = cfg.moe, cfg.d_model, cfg.d_ff
+        E, s = moe.n_experts, cfg.init_scale
+        self.top_k, self.capacity_factor = moe.top_k, moe.capacity_factor
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.act = ACTIVATION_FNS[cfg.activation]
+        self.router_DxE = normal_param(rngs, cfg, (D, E), ("embed", "expert"),
+                                       s * moe.router_init_scale / math.sqrt(D))
+        ffn = lambda shape, axes, std: normal_param(rngs, cfg, shape, axes, std)
+        self.up_ExDxF = ffn((E, D, F), ("expert", "embed", "mlp"), s / math.sqrt(D))
+        self.gate_ExDxF = ffn((E, D, F), ("expert", "embed", "mlp"),
+                              s / math.sqrt(D)) if cfg.gated else None
+        self.down_ExFxD = ffn((E, F, D), ("expert", "mlp", "embed"),  # GPT-2 §2.3 scaling
+                              s / math.sqrt(F) / math.sqrt(2 * cfg.n_layers))
+        self.shared = MLP(cfg, rngs=rngs) if moe.shared_expert else None
+
+    def __call__(self, x_BxTxD: jax.Array) -> tuple[jax.Array, MoEStats]:
+        x_NxD = x_BxTxD.reshape(-1, x_BxTxD.shape[-1]).astype(self.dtype)
+        logits_NxE = jnp.dot(x_NxD.astype(jnp.float32), self.router_DxE[...].astype(jnp.float32))
+        r = route(logits_NxE, self.top_k)
+        if self.capacity_factor is None:
+            y_NxD, dropped = self.dropless(x_NxD, r), jnp.zeros((), jnp.float32)
+            y_BxTxD = y_NxD.reshape(x_BxTxD.shape)
+        else:
+            y_BxTxD, dropped = self.einsum_dispatch(x_NxD.reshape(x_BxTxD.shape), r)
+        if self.shared is not None:
+            y_BxTxD = y_BxTxD + self.shared(x_BxTxD)
+        return y_BxTxD, MoEStats(r.aux_loss, r.router_z_loss, r.load_E, dropped)
+
+    def expert_ffns(self, x: jax.Array, matmul) -> jax.Array:
+        """Every expert's FFN on its own rows of ``x``, with the dense MLP's activation toggle.
+
+        ``matmul(x, w_ExIxO)`` applies expert e's kernel to expert e's rows: a batched
+        einsum over [E, rows, D] buffers, or a grouped matmul over rows sorted by expert.
+        """
+        up, gate, down = (None if w is None else w[...].astype(self.dtype)
+                          for w in (self.up_ExDxF, self.gate_ExDxF, self.down_ExFxD))
+        h = matmul(x, up)
+        h = self.act(matmul(x, gate)) * h if gate is not None else self.act(h)
+        return matmul(h, down)
+
+    def einsum_dispatch(self, x_BxTxD: jax.Array, r: Routing) -> tuple[jax.Array, jax.Array]:
+        """GShard: one-hot dispatch into [E, C] slots, batched expert FFNs, weighted combine.
+
+        Each sequence is a GShard group with its own capacity C: the one-hot einsums cost
+        O(T·E·C·D) per sequence, so per token they grow with T, not with the whole batch.
+        """
+        (B, T, _), (K, E) = x_BxTxD.shape, (self.top_k, self.router_DxE.shape[-1])
+        C = capacity(T, K, E, self.capacity_factor)
+        experts_BxTxK = r.experts_NxK.reshape(B, T, K)
+        chosen_BxKxTxE = jax.nn.one_hot(experts_BxTxK.transpose(0, 2, 1), E, dtype=jnp.int32)
+        # Slot of each token-slot in its expert's buffer: all 1st choices, then all 2nd, ...
+        slot_BxKxTxE = jnp.cumsum(chosen_BxKxTxE.reshape(B, K * T, E), axis=1).reshape(
+            B, K, T, E) - 1
+        slot_BxTxK = jnp.sum(slot_BxKxTxE * chosen_BxKxTxE, -1).transpose(0, 2, 1)
+        kept_BxTxK = slot_BxTxK < C
+        expert_BxTxKxE = jax.nn.one_hot(experts_BxTxK, E, dtype=self.dtype)
+        # A dropped slot's one-hot over C is all zero (index C is out of range).
+        slot_BxTxKxC = jax.nn.one_hot(jnp.where(kept_BxTxK, slot_BxTxK, C), C, dtype=self.dtype)
+        # Top-k experts are distinct, so summing over k never puts two slots in one cell.
+        dispatch_BxTxExC = jnp.einsum("btke,btkc->btec", expert_BxTxKxE, slot_BxTxKxC)
+        gates_BxTxK = r.gates_NxK.reshape(B, T, K).astype(self.dtype)
+        combine_BxTxExC = jnp.einsum("btke,btkc->btec", gates_BxTxK[..., None] * expert_BxTxKxE,
+                                     slot_BxTxKxC)
+        # Expert-major buffers [E, B·C, D]: each expert is one plain matmul (fast on CPU too).
+        x_ExBCxD = jnp.einsum("btec,btd->ebcd", dispatch_BxTxExC, x_BxTxD).reshape(E, B * C, -1)
+        y_ExBCxD = self.expert_ffns(x_ExBCxD, lambda x, w: jnp.einsum("emi,eio->emo", x, w))
+        y_BxTxD = jnp.einsum("btec,ebcd->btd", combine_BxTxExC, y_ExBCxD.reshape(E, B, C, -1))
+        return y_BxTxD, jnp.mean(~kept_BxTxK, dtype=jnp.float32)
+
+    def dropless(self, x_NxD: jax.Array, r: Routing) -> jax.Array:
+        """Sort the M = N·K token-slots by expert; one grouped matmul per kernel.
+
+        On GPU/TPU ``ragged_dot`` is a grouped GEMM; XLA:CPU lowers it to a masked dense
+        matmul over all E experts (E times the FLOPs), so on a CPU prefer the einsum path.
+        """
+        K, E = self.top_k, self.router_DxE.shape[-1]
+        experts_M = r.experts_NxK.reshape(-1)
+        order_M = jnp.argsort(experts_M, stable=True)
+        token_M = order_M // K
+        sizes_E = jnp.bincount(experts_M, length=E).astype(jnp.int32)
+        ys_MxD = self.expert_ffns(x_NxD[token_M], lambda x, w: jax.lax.ragged_dot(x, w, sizes_E))
+        gates_M = r.gates_NxK.reshape(-1)[order_M].astype(self.dtype)
+        return jnp.zeros_like(x_NxD).at[token_M].add(gates_M[:, None] * ys_MxD)
+
+
+def moe_stats(stats: list[MoEStats]) -> dict[str, jax.Array]:
+    """One forward's MoE statistics (``Transformer.forward``): aux and router-z losses summed
+    over the MoE layers (each layer's is a loss term), load and dropped fraction averaged."""
+    n = len(stats)
+    return dict(aux_loss=sum(s.aux_loss for s in stats),
+                router_z_loss=sum(s.router_z_loss for s in stats),
+                expert_load=sum(s.load_E for s in stats) / n,
+                dropped_fraction=sum(s.dropped_fraction for s in stats) / n)
