@@ -7,7 +7,6 @@ embeddings and biases. Shapes: B batch, T length, D d_model, V vocab, N heads, S
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -131,8 +130,10 @@ class Transformer(nnx.Module):
         """Final norm, then float32 logits."""
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         x_BxTxD = self.final_norm(x_BxTxD)
-        if cfg.tie_embeddings:  # PaLM §2: shared embedding, logits scaled by 1/sqrt(D)
-            w_DxV = self.embed_VxD[...].T / math.sqrt(cfg.d_model)
+        if cfg.tie_embeddings:  # PaLM §2: the input embedding is the output layer too
+            # No 1/sqrt(D) logit scale: PaLM pairs it with N(0,1) embeddings; with 0.02 it
+            # makes the output layer learn sqrt(D) times slower (see ModelConfig).
+            w_DxV = self.embed_VxD[...].T
         else:
             w_DxV = self.unembed_DxV[...]
         return jnp.dot(x_BxTxD, w_DxV.astype(dtype), preferred_element_type=jnp.float32)
