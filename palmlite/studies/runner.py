@@ -28,9 +28,11 @@ KERNEL_START_ERRORS = ("Kernel died before replying", "Address already in use", 
 
 
 def run_point(notebook: str, output: str, parameters: dict, timeout_s: int, env: dict) -> dict:
-    """Execute one point in this (worker) process; returns the recorded metrics."""
+    """Execute one point in this (worker) process; returns the recorded metrics and the
+    execution time (measured here, so time spent queued for a worker is not counted)."""
     import papermill
     os.environ.update(env)
+    start = time.time()
     fd, result_path = tempfile.mkstemp(suffix=".json")
     os.close(fd)
     try:
@@ -47,7 +49,7 @@ def run_point(notebook: str, output: str, parameters: dict, timeout_s: int, env:
         text = Path(result_path).read_text()
         if not text:
             raise RuntimeError("the notebook finished without calling palmlite.studies.record()")
-        return json.loads(text)
+        return dict(metrics=json.loads(text), duration_s=time.time() - start)
     finally:
         os.unlink(result_path)
 
@@ -76,17 +78,17 @@ def run_study(spec: str | Path, *, workers: int = 1, only: list[str] = (), dry_r
         for p in pending:
             output = runs_dir / f"{study.key(p)}.ipynb"
             jobs[pool.submit(run_point, str(study.notebook), str(output), p, study.timeout_s, env)] = \
-                (p, output, time.time())
+                (p, output)
         for job in futures.as_completed(jobs):
-            p, output, start = jobs[job]
-            row = _row(study, p, output, time.time() - start)
+            p, output = jobs[job]
+            row = _row(study, p, output)
             try:
-                row.update(status="ok", metrics=job.result())
+                row.update(status="ok", **job.result())
             except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
                 failed += 1
-                row.update(status="failed", error=f"{type(e).__name__}: {e}"[:2000])
+                row.update(status="failed", duration_s=None, error=f"{type(e).__name__}: {e}"[:2000])
             write_result(results_path, row)
-            print(f"  {row['status']:6s} {row['point']}  ({row['duration_s']:.0f} s)")
+            print(f"  {row['status']:6s} {row['point']}  ({row['duration_s'] or 0:.0f} s)")
     for path in make_figures(study, read_results(results_path), root / "figures"):
         print(f"  figure {path}")
     if failed:
@@ -106,8 +108,8 @@ def _matches(point: dict, only: list[str]) -> bool:
     return True
 
 
-def _row(study: Study, point: dict, output: Path, duration: float) -> dict:
+def _row(study: Study, point: dict, output: Path) -> dict:
     from palmlite import __version__
     return dict(point=study.key(point), study=study.name, params=point, notebook=str(output),
-                duration_s=duration, finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 versions=dict(palmlite=__version__, python=platform.python_version()))
