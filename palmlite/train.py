@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from palmlite import __version__
@@ -115,13 +116,9 @@ def make_train_step(graphdef, tx, z_loss_coef: float):
                          step=state["step"] + 1,
                          bad_step=jnp.where((state["bad_step"] < 0) & ~finite, state["step"],
                                             state["bad_step"]))
-        return new_state, dict(metrics, grad_norm=_global_norm(grads))
+        return new_state, dict(metrics, grad_norm=optax.global_norm(grads))
 
     return jax.jit(step_fn, donate_argnums=0)
-
-
-def _global_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 def train(model: ModelConfig | str = "small", config: TrainConfig | None = None, *,
@@ -184,7 +181,8 @@ class _Loop:
         if self.run_dir is not None:
             self.metrics = _read_metrics(self.run_dir / "metrics.jsonl", upto=start)
         # Compile ahead of time so that tokens/s never includes compilation.
-        step_fn = step_fn.lower(state, jnp.asarray(self.batches.get(start))).compile()
+        batch_shape = jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len + 1), jnp.int32)
+        step_fn = step_fn.lower(state, batch_shape).compile()
         bar = _progress(total, start, tc.quiet)
         pending, t0 = [], time.perf_counter()
         for step in range(start, total):
