@@ -1,4 +1,4 @@
-"""The ``palmlite`` command line: ``presets``, ``train``, ``generate``, ``sweep``."""
+"""The ``palmlite`` command line: ``presets``, ``train``, ``generate``, ``sweep``, ``figures``."""
 
 from __future__ import annotations
 
@@ -64,6 +64,12 @@ def _sweep(args) -> int:
     return run_study(args.study, workers=args.workers, only=args.only, dry_run=args.dry_run)
 
 
+def _figures(args) -> None:
+    from palmlite.studies import draw_figures
+    for path in draw_figures(args.study):
+        print(f"figure {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="palmlite", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
                    help="run only the points whose parameter KEY equals VALUE")
     w.add_argument("--dry-run", action="store_true", help="list the points and what is done")
+    f = sub.add_parser("figures", help="redraw a study's figures from its results (no training)")
+    f.add_argument("study", help="a study spec, e.g. studies/quick.yaml")
     args = parser.parse_args(argv)
     try:
         if args.command == "presets":
@@ -101,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             _train(args)
         elif args.command == "sweep":
             return 1 if _sweep(args) else 0
+        elif args.command == "figures":
+            _figures(args)
         else:
             _generate(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:

@@ -4,7 +4,7 @@ The sweep runner knows nothing about models: it runs notebooks and stores their 
 """
 
 from palmlite.studies.results import read_results, record, write_result
-from palmlite.studies.runner import run_study
-from palmlite.studies.spec import Study, load_study
+from palmlite.studies.runner import draw_figures, run_study
+from palmlite.studies.spec import Study, load_studies, load_study
 
-__all__ = ["Study", "load_study", "run_study", "record", "read_results", "write_result"]
+__all__ = ["Study", "load_study", "load_studies", "run_study", "draw_figures", "record", "read_results", "write_result"]

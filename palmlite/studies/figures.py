@@ -1,8 +1,10 @@
 """Figures regenerated from a study's results file (PNG and SVG, with a provenance caption).
 
 A figure function takes the study's ``ok`` rows (parameters + the metrics each notebook
-recorded) and draws on a matplotlib axis; ``make_figures`` adds the caption naming the
-device, corpus and date of the runs and writes ``figures/<study>_<figure>.{png,svg}``.
+recorded), the names of the varied parameters and a matplotlib figure to draw its axes
+on; ``make_figures`` adds the caption naming the device, corpus and date of the runs and
+writes ``figures/<file>.{png,svg}``, where the study names the file (default
+``<study>_<figure>``).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ matplotlib.use("Agg")  # files only: works without a display, in CI and in sweep
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def ablation(rows: list[dict], ax, varied: list[str]) -> None:
+def ablation(rows: list[dict], fig, varied: list[str]) -> None:
     """Final validation bits per byte per setting (mean over seeds, bars = min..max)."""
+    ax = fig.subplots()
     groups = defaultdict(list)
     for r in rows:
         label = ", ".join(f"{k}={r['params'][k]}" for k in varied if k != "seed")
@@ -34,8 +37,9 @@ def ablation(rows: list[dict], ax, varied: list[str]) -> None:
     ax.set_title(f"Ablation: {len(rows)} runs, {len({r['params'].get('seed') for r in rows})} seed(s)")
 
 
-def loss_curves(rows: list[dict], ax, varied: list[str]) -> None:
+def loss_curves(rows: list[dict], fig, varied: list[str]) -> None:
     """Validation loss against tokens seen, one line per run."""
+    ax = fig.subplots()
     for r in sorted(rows, key=lambda r: r["point"]):
         steps = r["metrics"]["history"]
         ax.plot([s["tokens"] for s in steps if "val_loss" in s],
@@ -64,13 +68,13 @@ def make_figures(study, rows: list[dict], out_dir: str | Path = "figures") -> li
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name in study.figures:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        FIGURES[name](rows, ax, study.varied())
+    for name, file in study.figures.items():
+        fig = plt.figure(figsize=(7, 4))
+        FIGURES[name](rows, fig, study.varied())
         fig.text(0.01, 0.01, caption(rows), fontsize=7, color="dimgray")
         fig.tight_layout(rect=(0, 0.04, 1, 1))
         for suffix in ("png", "svg"):
-            path = out_dir / f"{study.name}_{name}.{suffix}"
+            path = out_dir / f"{file}.{suffix}"
             fig.savefig(path, dpi=120)
             written.append(path)
         plt.close(fig)

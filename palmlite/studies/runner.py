@@ -21,7 +21,7 @@ from pathlib import Path
 
 from palmlite.studies.figures import make_figures
 from palmlite.studies.results import read_results, write_result
-from palmlite.studies.spec import Study, load_study
+from palmlite.studies.spec import Study, load_studies
 
 KERNEL_START_ERRORS = ("Kernel died before replying", "Address already in use", "ZMQError",
                        "Kernel didn't respond")
@@ -56,9 +56,25 @@ def run_point(notebook: str, output: str, parameters: dict, timeout_s: int, env:
 
 def run_study(spec: str | Path, *, workers: int = 1, only: list[str] = (), dry_run: bool = False,
               root: str | Path = ".") -> int:
-    """Run the pending points of a study; returns the number of failed points."""
-    study = load_study(spec)
-    root = Path(root)
+    """Run the pending points of a study (each part in turn); returns the failed count."""
+    studies = load_studies(spec)
+    _check_only(studies, only)
+    return sum(_run_one(study, workers, only, dry_run, Path(root)) for study in studies)
+
+
+def draw_figures(spec: str | Path, root: str | Path = ".") -> list[Path]:
+    """Regenerate a study's figures from its results files alone (no training)."""
+    written = []
+    for study in load_studies(spec):
+        results_path = Path(root) / "studies" / "results" / f"{study.name}.jsonl"
+        if not results_path.exists():
+            raise FileNotFoundError(f"no results for study {study.name!r}: {str(results_path)!r} "
+                                    f"is missing (run `palmlite sweep {spec}` first)")
+        written += make_figures(study, read_results(results_path), Path(root) / "figures")
+    return written
+
+
+def _run_one(study: Study, workers: int, only: list[str], dry_run: bool, root: Path) -> int:
     results_path = root / "studies" / "results" / f"{study.name}.jsonl"
     runs_dir = root / "studies" / "runs" / study.name
     done = {r["point"] for r in read_results(results_path) if r["status"] == "ok"}
@@ -96,16 +112,21 @@ def run_study(spec: str | Path, *, workers: int = 1, only: list[str] = (), dry_r
     return failed
 
 
-def _matches(point: dict, only: list[str]) -> bool:
+def _check_only(studies: list[Study], only: list[str]) -> None:
+    """``--only KEY=VALUE`` must name a parameter that some part has."""
+    names = {k for study in studies for p in study.points() for k in p}
     for condition in only:
-        key, sep, value = condition.partition("=")
+        key, sep, _ = condition.partition("=")
         if not sep:
             raise ValueError(f"--only expects KEY=VALUE, got {condition!r}")
-        if key not in point:
-            raise ValueError(f"--only {condition!r}: no parameter {key!r}; parameters: {sorted(point)}")
-        if str(point[key]) != value:
-            return False
-    return True
+        if key not in names:
+            raise ValueError(f"--only {condition!r}: no parameter {key!r}; parameters: {sorted(names)}")
+
+
+def _matches(point: dict, only: list[str]) -> bool:
+    """Whether the point has every KEY=VALUE of ``only`` (validated by ``_check_only``)."""
+    return all(key in point and str(point[key]) == value
+               for key, _, value in (c.partition("=") for c in only))
 
 
 def _row(study: Study, point: dict, output: Path) -> dict:

@@ -7,11 +7,15 @@
       product: {block: [parallel, serial], position: [rope, learned]}   # every combination
       zip: {d_model: [64, 128], n_layers: [2, 4]}   # varied together, in step
     seeds: [0, 1]
-    figures: [ablation]
+    figures: [ablation]        # or {ablation: ablations}: figure -> file name in figures/
 
 The points are product × zip × seeds. Each point has a key (``block=serial,seed=1,...``)
 that names its executed notebook and its line in the results file. YAML is read with
 ``yaml.safe_load``: a spec can describe data, never run code.
+
+A spec may instead hold ``parts``: a list of such studies run one after another (each
+with its own name, results file and figures), as ``make study`` does with an ablation, a
+scaling sweep and an MoE-vs-dense pair in one command.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 import yaml
 
 FIELDS = {"name", "notebook", "parameters", "grid", "seeds", "figures", "timeout_s", "description"}
+SUITE_FIELDS = {"name", "description", "parts"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +40,7 @@ class Study:
     product: dict[str, list]
     zipped: dict[str, list]
     seeds: list[int]
-    figures: list[str]
+    figures: dict[str, str]  # figure function -> file name (no suffix) in figures/
     timeout_s: int
     path: Path
 
@@ -56,13 +61,38 @@ class Study:
         return re.sub(r"[^\w.=,+-]", "_", text)
 
 
-def load_study(path: str | Path) -> Study:
+def load_studies(path: str | Path) -> list[Study]:
+    """The studies of a spec file: itself, or each of its ``parts``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"study spec {str(path)!r} does not exist")
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a study spec is a mapping, got {type(raw).__name__}")
+    if "parts" not in raw:
+        return [_parse(raw, path)]
+    unknown = sorted(set(raw) - SUITE_FIELDS)
+    if unknown:
+        raise ValueError(f"{path}: unknown field(s) {unknown} beside 'parts'; valid: {sorted(SUITE_FIELDS)}")
+    parts = raw["parts"]
+    if not isinstance(parts, list) or not parts or not all(isinstance(p, dict) for p in parts):
+        raise ValueError(f"{path}: 'parts' must be a non-empty list of study mappings")
+    studies = [_parse(part, path) for part in parts]
+    names = [s.name for s in studies]
+    if len(set(names)) < len(names):
+        raise ValueError(f"{path}: part names must be unique, got {names}")
+    return studies
+
+
+def load_study(path: str | Path) -> Study:
+    """The one study of a spec file without ``parts``."""
+    studies = load_studies(path)
+    if len(studies) > 1:
+        raise ValueError(f"{path} holds {len(studies)} parts; use load_studies")
+    return studies[0]
+
+
+def _parse(raw: dict, path: Path) -> Study:
     unknown = sorted(set(raw) - FIELDS)
     if unknown:
         raise ValueError(f"{path}: unknown field(s) {unknown}; valid fields: {sorted(FIELDS)}")
@@ -89,12 +119,17 @@ def load_study(path: str | Path) -> Study:
     if overlap:
         raise ValueError(f"{path}: parameter(s) {sorted(overlap)} appear twice in the grid/seeds")
     from palmlite.studies.figures import FIGURES
-    unknown_figures = sorted(set(raw.get("figures") or []) - set(FIGURES))
+    figures = raw.get("figures") or {}
+    if isinstance(figures, list):
+        figures = {f: f"{raw['name']}_{f}" for f in figures}
+    if not isinstance(figures, dict) or not all(isinstance(v, str) for v in figures.values()):
+        raise ValueError(f"{path}: 'figures' is a list of figure names or a mapping figure -> file")
+    unknown_figures = sorted(set(figures) - set(FIGURES))
     if unknown_figures:
         raise ValueError(f"{path}: unknown figure(s) {unknown_figures}; known: {sorted(FIGURES)}")
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ValueError(f"{path}: 'seeds' must be a non-empty list of integers")
     return Study(name=raw["name"], notebook=notebook, parameters=dict(raw.get("parameters") or {}),
-                 product=product, zipped=zipped, seeds=seeds, figures=list(raw.get("figures") or []),
+                 product=product, zipped=zipped, seeds=seeds, figures=figures,
                  timeout_s=int(raw.get("timeout_s", 1800)), path=path)
