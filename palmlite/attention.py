@@ -175,9 +175,10 @@ class Attention(nnx.Module):
             bias_BxNxTxS = bias_BxNxTxS.astype(q_BxTxNxH.dtype)
         # jax.nn.dot_product_attention groups the N query heads over the K shared
         # key/value heads itself (no repeated K/V).
-        if cache is None:
+        if cache is None:  # "cudnn": one fused flash-attention kernel, no T x S matrix in memory
             out_BxTxNxH = jax.nn.dot_product_attention(
-                q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, bias=bias_BxNxTxS, is_causal=True)
+                q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, bias=bias_BxNxTxS, is_causal=True,
+                implementation=self.cfg.attention_impl)
             return self.o(out_BxTxNxH), None
         # Decoding. A mask, not is_causal: JAX's causal mask lets query t see keys 0..t,
         # which is wrong once the T queries sit after S - T earlier slots.

@@ -19,6 +19,8 @@ GATED_ACTIVATIONS = ("swiglu", "geglu")
 BLOCKS = ("parallel", "serial")
 POSITIONS = ("rope", "learned", "sinusoidal", "relative", "alibi", "none")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("xla", "cudnn")
+REMATS = ("none", "full", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +107,8 @@ class ModelConfig:
     embed_init_std: float = 0.02  # GPT-2's 0.02 (PaLM's N(0,1): see the class docstring)
     init_scale: float = 1.0  # multiplies the fan-in (1/sqrt(fan_in)) std of every kernel
     moe: MoEConfig | None = None  # GLaM: mixture-of-experts FFNs (None: dense)
+    attention_impl: str = "xla"  # "xla" (any device) | "cudnn" (fused flash attention, NVIDIA GPUs, 16-bit)
+    remat: str = "none"  # recompute in the backward: "none" | "full" (each block) | "dots" (all but matmuls)
 
     def __post_init__(self):
         self.validate()
@@ -134,7 +138,8 @@ class ModelConfig:
             _require(getattr(self, name) > 0, name, getattr(self, name), "a positive number")
         _require(self.embed_init_std >= 0, "embed_init_std", self.embed_init_std, "a number >= 0")
         for name, allowed in (("norm", NORMS), ("activation", ACTIVATIONS), ("block", BLOCKS),
-                              ("position", POSITIONS), ("dtype", DTYPES), ("param_dtype", DTYPES)):
+                              ("position", POSITIONS), ("dtype", DTYPES), ("param_dtype", DTYPES),
+                              ("attention_impl", ATTENTION_IMPLS), ("remat", REMATS)):
             _require(getattr(self, name) in allowed, name, getattr(self, name), f"one of {allowed}")
         _require(self.n_kv_heads <= self.n_heads and self.n_heads % self.n_kv_heads == 0,
                  "n_kv_heads", self.n_kv_heads,
@@ -148,6 +153,9 @@ class ModelConfig:
         if self.position == "sinusoidal":
             _require(self.d_model % 2 == 0, "d_model", self.d_model,
                      "an even width with position='sinusoidal' (sin/cos pairs)")
+        if self.attention_impl == "cudnn":
+            _require(self.dtype != "float32", "attention_impl", self.attention_impl,
+                     "'xla' with dtype='float32' (cuDNN's fused attention needs bfloat16/float16)")
         if self.moe is not None:
             _require(self.moe.every <= self.n_layers, "moe", self.moe,
                      f"every <= n_layers={self.n_layers} (else no layer is an MoE)")
@@ -312,7 +320,10 @@ def parse_overrides(assignments: list[str], model: ModelConfig, train: TrainConf
         changes[section][name] = _parse_value(raw)
     if changes["model.moe"]:
         changes["model"]["moe"] = (model.moe or MoEConfig()).replace(**changes["model.moe"])
-    return model.replace(**changes["model"]), train.replace(**changes["train"])
+    train = train.replace(**changes["train"])
+    # The precision decides the model's dtypes (as in train()), so that a toggle that
+    # depends on them, e.g. attention_impl=cudnn with bf16, is validated against them.
+    return model.replace(**{**train.dtypes, **changes["model"]}), train
 
 
 def _parse_value(raw: str) -> Any:

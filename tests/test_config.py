@@ -36,6 +36,9 @@ BAD_CONFIGS = [
     ("n_layers", dict(n_layers=True)),  # a bool is not a layer count
     ("tie_embeddings", dict(tie_embeddings="yes")),
     ("rope_theta", dict(rope_theta=float("inf"))),
+    ("attention_impl", dict(attention_impl="flash")),
+    ("attention_impl", dict(attention_impl="cudnn")),  # needs a 16-bit dtype
+    ("remat", dict(remat="some")),
 ]
 
 

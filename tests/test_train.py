@@ -154,6 +154,11 @@ def test_overrides_are_typed_and_validated():
         parse_overrides(["model.blocks=serial"], MODEL, TrainConfig())
     with pytest.raises(ValueError, match="ModelConfig.norm"):
         parse_overrides(["model.norm=batchnorm"], MODEL, TrainConfig())
+    # The precision sets the model's dtypes first, so a bf16-only toggle validates with it.
+    cfg, _ = parse_overrides(["model.attention_impl=cudnn", "train.precision=bf16"], MODEL, TrainConfig())
+    assert (cfg.attention_impl, cfg.dtype, cfg.param_dtype) == ("cudnn", "bfloat16", "float32")
+    with pytest.raises(ValueError, match="ModelConfig.attention_impl"):
+        parse_overrides(["model.attention_impl=cudnn"], MODEL, TrainConfig())
 
 
 def test_cli_train_then_generate(corpus, tmp_path, capsys):
