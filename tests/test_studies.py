@@ -115,3 +115,50 @@ def test_figures_are_drawn_from_rows_with_a_provenance_caption(tmp_path):
     assert "cpu" in caption(rows[:4]) and "pystdlib (abcdef1234)" in caption(rows[:4])
     with pytest.raises(ValueError, match="unknown figure"):
         load_study(make_study(tmp_path, "name: x\nnotebook: nb.ipynb\nfigures: [nope]\n"))
+
+
+SUITE = """
+name: suite
+parts:
+  - {name: one, notebook: nb.ipynb, grid: {product: {x: [1, 2]}}, figures: {ablation: first}}
+  - {name: two, notebook: nb.ipynb, parameters: {mode: c}, grid: {product: {y: [1]}}}
+"""
+
+
+def test_a_spec_with_parts_is_several_studies(tmp_path):
+    from palmlite.studies import load_studies
+    one, two = load_studies(make_study(tmp_path, SUITE))
+    assert (one.name, two.name) == ("one", "two")
+    assert one.figures == {"ablation": "first"} and two.figures == {}
+    assert [p["x"] for p in one.points()] == [1, 2] and two.points() == [{"mode": "c", "y": 1, "seed": 0}]
+    with pytest.raises(ValueError, match="parts"):
+        load_study(tmp_path / "study.yaml")
+    for text, match in [("name: s\nparts: []\n", "non-empty"),
+                        ("name: s\nnotebook: nb.ipynb\nparts: [{name: a, notebook: nb.ipynb}]\n", "beside"),
+                        ("name: s\nparts: [{name: a, notebook: nb.ipynb}, {name: a, notebook: nb.ipynb}]\n",
+                         "unique")]:
+        with pytest.raises(ValueError, match=match):
+            load_studies(make_study(tmp_path, text))
+
+
+def test_only_must_name_a_parameter_of_some_part(tmp_path, capsys):
+    spec = make_study(tmp_path, SUITE)
+    assert run_study(spec, only=["y=1"], dry_run=True, root=tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "study one: 0 points" in out and "study two: 1 points" in out
+    with pytest.raises(ValueError, match="no parameter 'z'"):
+        run_study(spec, only=["z=1"], dry_run=True, root=tmp_path)
+
+
+def test_figures_are_redrawn_from_results_alone(tmp_path):
+    from palmlite.studies import draw_figures
+    spec = make_study(tmp_path, SUITE)
+    with pytest.raises(FileNotFoundError, match="one.jsonl"):
+        draw_figures(spec, root=tmp_path)
+    for name in ("one", "two"):
+        for x in (1, 2):
+            write_result(tmp_path / f"studies/results/{name}.jsonl", dict(
+                point=f"x={x}", status="ok", params={"x": x, "y": 1, "seed": 0},
+                metrics={"val_bits_per_byte": 1.0 + x}))
+    files = draw_figures(spec, root=tmp_path)
+    assert sorted(f.name for f in files) == ["first.png", "first.svg"]

@@ -14,18 +14,22 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: works without a display, in CI and in sweeps
-import matplotlib.pyplot as plt  # noqa: E402
+# pyplot-free: no backend is chosen, so sweeps need no display and a notebook that imports
+# palmlite.studies keeps its inline plots (matplotlib.use("Agg") here turned them off).
+from matplotlib.figure import Figure
 
 
 def ablation(rows: list[dict], fig, varied: list[str]) -> None:
-    """Final validation bits per byte per setting (mean over seeds, bars = min..max)."""
+    """Final validation bits per byte per setting (mean over seeds, bars = min..max).
+
+    A setting is labelled by how it departs from the most common value of each varied
+    parameter (the baseline), so a one-change-at-a-time ablation reads "block=serial"."""
     ax = fig.subplots()
+    keys = [k for k in varied if k != "seed"]
+    common = {k: statistics.mode(str(r["params"][k]) for r in rows) for k in keys}
     groups = defaultdict(list)
     for r in rows:
-        label = ", ".join(f"{k}={r['params'][k]}" for k in varied if k != "seed")
+        label = ", ".join(f"{k}={r['params'][k]}" for k in keys if str(r["params"][k]) != common[k])
         groups[label or "baseline"].append(r["metrics"]["val_bits_per_byte"])
     labels = sorted(groups, key=lambda k: statistics.mean(groups[k]))
     means = [statistics.mean(groups[k]) for k in labels]
@@ -34,7 +38,9 @@ def ablation(rows: list[dict], fig, varied: list[str]) -> None:
     ax.barh(labels, means, xerr=errors, color="tab:blue", alpha=0.8, capsize=3)
     ax.set_xlim(min(means) * 0.97, max(max(v) for v in groups.values()) * 1.01)
     ax.set_xlabel("validation bits per byte (lower is better)")
-    ax.set_title(f"Ablation: {len(rows)} runs, {len({r['params'].get('seed') for r in rows})} seed(s)")
+    baseline = ", ".join(f"{k}={v}" for k, v in common.items())
+    ax.set_title(f"Ablation: {len(rows)} runs, {len({r['params'].get('seed') for r in rows})} "
+                 f"seed(s); baseline {baseline}", fontsize=8)
 
 
 def loss_curves(rows: list[dict], fig, varied: list[str]) -> None:
@@ -49,7 +55,109 @@ def loss_curves(rows: list[dict], fig, varied: list[str]) -> None:
     ax.legend(fontsize=7)
 
 
-FIGURES = {"ablation": ablation, "loss_curves": loss_curves}
+def moe_vs_dense(rows: list[dict], fig, varied: list[str]) -> None:
+    """GLaM §5, Switch §3: each mixture of experts against its FLOP-matched dense twin.
+
+    Each row's metrics hold ``runs``, one per model trained (notebook 06). Left, middle:
+    validation loss against tokens seen and against training FLOPs (active FLOPs/token ×
+    tokens: what a token costs, GLaM's measure), mean over seeds with a min..max band.
+    Right: each MoE's final expert load (its last log interval, averaged over the MoE
+    layers) against the uniform share 1/E; experts are sorted by load within each run,
+    since expert ids mean nothing across seeds. The title says what these runs show.
+    """
+    groups = _arch_groups([run for r in rows for run in r["metrics"]["runs"]])
+    fig.set_size_inches(13, 4.6)
+    ax_tokens, ax_flops, ax_load = fig.subplots(1, 3)
+    for i, (label, runs) in enumerate(groups.items()):
+        tokens, mean, low, high = _seed_band(runs, "val_loss")
+        flops = [t * runs[0]["flops_per_token"] for t in tokens]
+        dense = runs[0]["model"]["moe"] is None
+        for ax, x in ((ax_tokens, tokens), (ax_flops, flops)):
+            ax.plot(x, mean, color=f"C{i}", ls="--" if dense else "-", marker="o", ms=3,
+                    label=f"{label}, {len(runs)} seed(s)")
+            ax.fill_between(x, low, high, color=f"C{i}", alpha=0.2)
+    for ax, xlabel in ((ax_tokens, "tokens seen"), (ax_flops, "training FLOPs (active)")):
+        ax.set_xlabel(xlabel); ax.set_ylabel("validation loss (nats/token)")
+    ax_tokens.legend(fontsize=7)
+    _expert_load_bars(ax_load, groups)
+    fig.suptitle(_moe_verdict(groups), fontsize=9)
+
+
+def _arch_groups(runs: list[dict]) -> dict[str, list[dict]]:
+    """Runs grouped by model (differing only by seed), dense before MoE, fewer experts first."""
+    def key(run):
+        m = run["model"]
+        return m["n_layers"], m["d_model"], m["moe"] is not None, (m["moe"] or {}).get("n_experts", 0)
+    groups = defaultdict(list)
+    for run in sorted(runs, key=key):
+        m = run["model"]
+        size = f"{m['n_layers']}L×{m['d_model']}"
+        groups[f"{size} dense, d_ff {m['d_ff']}" if m["moe"] is None else
+               f"{size} MoE {m['moe']['n_experts']}E top-{m['moe']['top_k']}"].append(run)
+    return dict(groups)
+
+
+def _seed_band(runs: list[dict], key: str) -> tuple[list, list, list, list]:
+    """(tokens, mean, min, max) of a history metric over seeds, where every run has it."""
+    per_run = [{h["tokens"]: h[key] for h in run["history"] if h.get(key) is not None}
+               for run in runs]
+    tokens = sorted(set.intersection(*(set(p) for p in per_run)))
+    values = [[p[t] for p in per_run] for t in tokens]
+    return tokens, [statistics.mean(v) for v in values], [min(v) for v in values], \
+        [max(v) for v in values]
+
+
+def _expert_load_bars(ax, groups: dict[str, list[dict]]) -> None:
+    """Bars: each MoE's final load per expert, most loaded first (mean over seeds,
+    min..max); dotted: the uniform share 1/E that the balancing loss pushes towards."""
+    x0, ticks, ranks = 0, [], []
+    for i, (label, runs) in enumerate(groups.items()):
+        if runs[0]["model"]["moe"] is None:
+            continue
+        loads = [sorted([h for h in run["history"] if "expert_load" in h][-1]["expert_load"],
+                        reverse=True) for run in runs]
+        by_rank = list(zip(*loads))  # [E][seeds]
+        mean = [statistics.mean(v) for v in by_rank]
+        x = list(range(x0, x0 + len(mean)))
+        spread = [[m - min(v) for m, v in zip(mean, by_rank)],
+                  [max(v) - m for m, v in zip(mean, by_rank)]]
+        ax.bar(x, mean, yerr=spread if len(runs) > 1 else None, color=f"C{i}", capsize=2, label=label)
+        ax.hlines(1 / len(mean), x[0] - 0.4, x[-1] + 0.4, colors="black", linestyles=":",
+                  label="uniform 1/E" if not ticks else None)
+        ticks += x
+        ranks += range(1, len(x) + 1)
+        x0 += len(mean) + 1
+    ax.set_xticks(ticks, ranks, fontsize=6)
+    ax.set_xlabel("experts, most to least loaded"); ax.set_ylabel("share of routed token-slots")
+    ax.legend(fontsize=7)
+
+
+def _moe_verdict(groups: dict[str, list[dict]]) -> str:
+    """What the runs show: each MoE's final validation loss minus its dense twin's (the
+    dense run of the same depth and width with the nearest FLOPs per token)."""
+    final = lambda runs: [run["val_loss"] for run in runs]
+    dense = {label: runs for label, runs in groups.items() if runs[0]["model"]["moe"] is None}
+    lines = []
+    for label, runs in groups.items():
+        m = runs[0]["model"]
+        twins = [d for d in dense.values() if (d[0]["model"]["n_layers"], d[0]["model"]["d_model"])
+                 == (m["n_layers"], m["d_model"])]
+        if m["moe"] is None or not twins:
+            continue
+        twin = min(twins, key=lambda d: abs(d[0]["flops_per_token"] - runs[0]["flops_per_token"]))
+        delta = statistics.mean(final(runs)) - statistics.mean(final(twin))
+        if len(runs) < 2 or len(twin) < 2:
+            verdict = "one seed: noise unknown"
+        elif abs(delta) <= max(max(v) - min(v) for v in (final(runs), final(twin))):
+            verdict = "no clear difference (within the seed spread)"
+        else:
+            verdict = "MoE better, as GLaM found" if delta < 0 else "MoE worse, unlike GLaM"
+        lines.append(f"{label}: {delta:+.3f} nats vs its dense twin, {verdict}")
+    return "Final validation loss, MoE minus its FLOP-matched dense twin, in these runs:\n" + \
+        ("\n".join(lines) or "no MoE with a dense twin among the runs")
+
+
+FIGURES = {"ablation": ablation, "loss_curves": loss_curves, "moe_vs_dense": moe_vs_dense}
 
 
 def caption(rows: list[dict]) -> str:
@@ -69,7 +177,7 @@ def make_figures(study, rows: list[dict], out_dir: str | Path = "figures") -> li
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, file in study.figures.items():
-        fig = plt.figure(figsize=(7, 4))
+        fig = Figure(figsize=(7, 4))
         FIGURES[name](rows, fig, study.varied())
         fig.text(0.01, 0.01, caption(rows), fontsize=7, color="dimgray")
         fig.tight_layout(rect=(0, 0.04, 1, 1))
@@ -77,5 +185,4 @@ def make_figures(study, rows: list[dict], out_dir: str | Path = "figures") -> li
             path = out_dir / f"{file}.{suffix}"
             fig.savefig(path, dpi=120)
             written.append(path)
-        plt.close(fig)
     return written
