@@ -72,10 +72,16 @@ def count_params(cfg: ModelConfig, active: bool = False) -> int:
     norms_per_block = 1 if cfg.block == "parallel" else 2  # PaLM's parallel block shares one
     block = attention_params(cfg) + norms_per_block * norm_params(cfg)
     ffns = sum(ffn_params(cfg, i, active) for i in range(cfg.n_layers))
+    return embedding_params(cfg) + cfg.n_layers * block + ffns + norm_params(cfg)
+
+
+def embedding_params(cfg: ModelConfig) -> int:
+    """The token embedding (and an untied output layer) and position tables: what Kaplan
+    et al. 2020 (§2.1) leave out of N, whose power laws are cleaner without them."""
     embed = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
     position = {"learned": cfg.max_seq_len * cfg.d_model,
                 "relative": cfg.relative_buckets * cfg.n_heads}.get(cfg.position, 0)
-    return embed + position + cfg.n_layers * block + ffns + norm_params(cfg)
+    return embed + position
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:

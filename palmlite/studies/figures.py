@@ -157,7 +157,84 @@ def _moe_verdict(groups: dict[str, list[dict]]) -> str:
         ("\n".join(lines) or "no MoE with a dense twin among the runs")
 
 
-FIGURES = {"ablation": ablation, "loss_curves": loss_curves, "moe_vs_dense": moe_vs_dense}
+def scaling(rows: list[dict], fig, varied: list[str]) -> None:
+    """Kaplan §3, Chinchilla §3: validation loss against non-embedding parameters, with
+    the law E + A/N^α fitted at each token budget, and against training compute 6ND."""
+    from palmlite.scaling import fit_sweep, sweep_points  # scipy: only when drawing
+    points = sweep_points(rows)
+    draw_scaling(points, fit_sweep(points), fig)
+
+
+def draw_scaling(points: dict, fits: dict, fig, count: str = "non_embedding") -> None:
+    """Two panels from ``palmlite.scaling.sweep_points`` / ``fit_sweep`` (bars: min..max
+    over seeds). Left: loss vs N, one colour per token budget D, the fitted curve and α with
+    its bootstrap interval in the legend. Right: loss vs C = 6ND, each size's runs joined
+    across budgets, and the compute-optimal frontier when the Chinchilla form was fitted."""
+    import numpy as np
+    from matplotlib import colormaps
+    from palmlite.scaling import compute_optimal, over_seeds
+    fig.set_size_inches(11, 4.6)
+    ax_n, ax_c = fig.subplots(1, 2)
+    stats = over_seeds(points)
+    budgets = np.unique(stats["D"])
+    for d, color in zip(budgets, colormaps["viridis"](np.linspace(0, 0.85, len(budgets)))):
+        at = stats["D"] == d
+        err = [stats["mean"][at] - stats["min"][at], stats["max"][at] - stats["mean"][at]]
+        for ax, x in ((ax_n, stats["N"][at]), (ax_c, stats["C"][at])):
+            ax.errorbar(x, stats["mean"][at], yerr=err, fmt="o", ms=4, capsize=3, color=color)
+        label = f"D = {d:.3g} tokens"
+        if float(d) in fits["kaplan"]:
+            fit, (low, high) = fits["kaplan"][float(d)]
+            N = np.geomspace(stats["N"][at].min(), stats["N"][at].max(), 100)
+            label += f": α = {fit.alpha:.3f} [{low:.3f}, {high:.3f}], E = {fit.E:.2f}"
+            ax_n.plot(N, fit.predict(N), color=color)
+        ax_n.plot([], [], "o-", color=color, label=label)
+    for n in np.unique(stats["N"]):  # one size trained on more tokens: more compute
+        same = stats["N"] == n
+        ax_c.plot(stats["C"][same], stats["mean"][same], color="gray", lw=0.8, alpha=0.6)
+    if fits["chinchilla"] is not None:
+        fit, intervals = fits["chinchilla"]
+        C = np.geomspace(stats["C"].min(), stats["C"].max(), 100)
+        try:
+            N_opt, D_opt = compute_optimal(fit, C)
+            ax_c.plot(C, fit.predict(N_opt, D_opt), "k--", label=(
+                f"compute-optimal: N_opt ∝ C^{fit.beta / (fit.alpha + fit.beta):.2f} "
+                f"(α = {fit.alpha:.2f}, β = {fit.beta:.2f} [{intervals['beta'][0]:.2f}, "
+                f"{intervals['beta'][1]:.2f}])"))
+        except ValueError as e:  # an exponent <= 0: no frontier to draw, say why
+            ax_c.plot([], [], "k--", label=f"no compute-optimal frontier: {e}"[:90])
+        ax_c.legend(fontsize=7)
+    ax_n.set_xlabel("N: non-embedding parameters (Kaplan)" if count == "non_embedding" else
+                    "N: total parameters (Chinchilla)")
+    ax_c.set_xlabel(f"training compute C = 6·N·D (FLOPs, N = {count.replace('_', '-')})")
+    for ax in (ax_n, ax_c):
+        ax.set_xscale("log")
+        ax.set_ylabel("final validation loss (nats/token)")
+    ax_n.legend(fontsize=7, title="fit L = E + A/N^α per budget (90% bootstrap)", title_fontsize=7)
+    ax_n.set_title(_scaling_verdict(stats, fits), fontsize=9)
+    ax_c.set_title("Loss against compute" + (": one token budget, so C grows with N alone"
+                                             if len(budgets) == 1 else ""), fontsize=9)
+
+
+def _scaling_verdict(stats: dict, fits: dict) -> str:
+    """The left title: does loss fall steadily with N at the largest budget fitted? Judged
+    on the data (rank correlation of size and mean loss <= -0.9), not on the fit: a power
+    law with a large α can "fit" a flat, noisy sweep."""
+    from scipy.stats import spearmanr
+    if not fits["kaplan"]:
+        return "Too few sizes per token budget to fit L(N)"
+    D = max(fits["kaplan"])
+    fit, (low, high) = fits["kaplan"][D]
+    rho = spearmanr(stats["N"][stats["D"] == D], stats["mean"][stats["D"] == D]).statistic
+    if rho <= -0.9:
+        return (f"Loss falls with size, as the papers find: α = {fit.alpha:.3f} "
+                f"[{low:.3f}, {high:.3f}]")
+    return (f"Loss does not fall steadily with size here (rank correlation {rho:+.2f}), "
+            "unlike in Kaplan et al. and Chinchilla")
+
+
+FIGURES = {"ablation": ablation, "loss_curves": loss_curves, "moe_vs_dense": moe_vs_dense,
+           "scaling": scaling}
 
 
 def caption(rows: list[dict]) -> str:
