@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test study bench presets clean
+.PHONY: test study figures lab bench presets clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,11 +21,22 @@ test: $(STAMP)
 study: $(STAMP)
 	$(VENV)/bin/palmlite sweep studies/quick.yaml
 
+# Redraw the default study's figures from its committed results (no training).
+figures: $(STAMP)
+	$(VENV)/bin/palmlite figures studies/quick.yaml
+
+# JupyterLab on the notebooks (installed into .venv on first use).
+lab: $(STAMP)
+	$(PY) -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install --quiet jupyterlab
+	$(VENV)/bin/jupyter lab notebooks/
+
 bench: $(STAMP)
 	$(PY) benchmarks/forward.py
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/tokenizer.py
+	$(PY) benchmarks/moe.py
+	$(PY) benchmarks/sharding.py
 
 presets: $(STAMP)
 	$(VENV)/bin/palmlite presets

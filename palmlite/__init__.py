@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from palmlite import presets
+from palmlite import presets, sharding
 from palmlite.accounting import (PEAK_FLOPS, count_params, device_peak_flops, flops_per_token,
                                  kv_cache_bytes_per_token, mfu)
 from palmlite.attention import KVCache, init_cache
@@ -15,5 +15,5 @@ from palmlite.presets import dense_twin, moe_twin
 __all__ = [
     "ModelConfig", "MoEConfig", "Transformer", "presets", "count_params", "flops_per_token", "mfu",
     "kv_cache_bytes_per_token", "device_peak_flops", "PEAK_FLOPS", "cross_entropy_and_z_loss",
-    "KVCache", "init_cache", "dense_twin", "moe_twin", "TrainConfig",
+    "KVCache", "init_cache", "dense_twin", "moe_twin", "TrainConfig", "sharding",
 ]

@@ -2,12 +2,14 @@
 
 ``problems(n, seed=...)`` draws problems such as ``4821+97=4918``; a model is asked the
 ``prompt`` ("4821+97=") and scored by exact match of its completion against ``answer``.
+``held_out`` draws test problems that a training corpus does not contain.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import operator
+from typing import Iterable
 
 import numpy as np
 
@@ -48,6 +50,21 @@ def problems(n: int = 20_000, *, seed: int = 0, operators: str = "+-",
         a, op, b = operand(), operators[int(rng.integers(len(operators)))], operand()
         out.append(Problem(f"{a}{op}{b}=", str(OPERATORS[op](a, b))))
     return out
+
+
+def held_out(n: int, exclude: Iterable[str] = (), *, seed: int = 0, **options) -> list[Problem]:
+    """``n`` distinct problems whose ``text`` is not in ``exclude`` (say, every line of the
+    training corpus), so that a score measures more than memory. ``options`` as in
+    ``problems``; the draw is ``problems(..., seed=seed)`` filtered, so it is seeded too."""
+    exclude, texts, out = set(exclude), set(), []
+    for p in problems(100 * n, seed=seed, **options):
+        if p.text not in exclude and p.text not in texts:
+            texts.add(p.text)
+            out.append(p)
+            if len(out) == n:
+                return out
+    raise ValueError(f"held-out n={n} is too many: {100 * n} draws gave {len(out)} distinct "
+                     "problems outside the excluded ones (allow more digits or ask for fewer)")
 
 
 def exact_match(predictions: list[str], answers: list[str]) -> float:

@@ -43,7 +43,11 @@ def _train(args) -> None:
     from palmlite.config import TrainConfig, parse_overrides
     from palmlite.train import train
     budget = dict(steps=None, tokens=args.tokens) if args.tokens else dict(steps=args.steps)
-    tc = TrainConfig(corpus=args.corpus, tokenizer=args.tokenizer, quiet=args.quiet, **budget)
+    tc = TrainConfig(corpus=args.corpus, tokenizer=args.tokenizer, quiet=args.quiet,
+                     mesh=args.mesh, **budget)
+    if tc.mesh is not None:  # one of several hosts? join them before JAX touches a device
+        from palmlite.sharding import initialize_distributed
+        initialize_distributed()
     cfg, tc = parse_overrides(args.set, presets.get(args.preset), tc)
     result = train(cfg, tc, out=args.out, resume=args.resume)
     last = result.metrics[-1]
@@ -83,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. model.block=serial or train.lr=3e-4")
+    t.add_argument("--mesh", default=None, metavar="AXIS=SIZE,...",
+                   help="shard over a device mesh, e.g. data=-1 or data=2,fsdp=2,tensor=2 "
+                        "(axes data, fsdp, tensor, expert; -1 fills; default: one device)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--quiet", action="store_true", help="throttled progress (for sweeps)")
     g = sub.add_parser("generate", help="sample from a trained run")

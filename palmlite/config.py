@@ -192,7 +192,7 @@ def _require(ok: bool, name: str, value: Any, allowed: str, owner: str = "ModelC
 
 
 _TYPES = {"int": (int,), "int | None": (int, type(None)), "float": (int, float), "bool": (bool,),
-          "str": (str,), "float | None": (int, float, type(None)),
+          "str": (str,), "str | None": (str, type(None)), "float | None": (int, float, type(None)),
           "MoEConfig | None": (MoEConfig, type(None))}
 
 
@@ -223,7 +223,7 @@ class TrainConfig:
     """How to train: data, batch, budget, optimizer, schedule, precision, bookkeeping."""
 
     corpus: str = "pystdlib"  # a corpus name or path (palmlite.data.load_corpus)
-    tokenizer: str = "bpe:8192"  # "bytes" | "bpe:SIZE" | "unigram:SIZE" | path to a .model
+    tokenizer: str = "bpe:8192"  # "bytes" | "bpe:SIZE[:nosplit]" | "unigram:SIZE[:nosplit]" | a .model path
     val_fraction: float = 0.05  # share of documents held out for validation
     batch_size: int = 16  # sequences per step
     seq_len: int = 128  # tokens per sequence
@@ -239,6 +239,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # global-norm clipping (PaLM, Gopher); 0 disables
     z_loss: float = 1e-4  # PaLM §5: coefficient of log²Z
     precision: str = "float32"  # "float32" | "bf16" (bf16 compute, f32 params) | "pure_bf16"
+    mesh: str | None = None  # e.g. "data=-1", "data=2,tensor=4" (palmlite.sharding); None: 1 device
     seed: int = 0  # parameter init and data order
     log_every: int = 10  # steps between metrics lines (and the only host syncs)
     eval_every: int = 100  # steps between validation losses (0: only at the end)
@@ -271,9 +272,17 @@ class TrainConfig:
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
                               ("precision", PRECISIONS)):
             req(getattr(self, name) in allowed, name, f"one of {allowed}")
-        kind, _, size = self.tokenizer.partition(":")
-        if kind in ("bpe", "unigram"):
-            req(size.isdigit() and int(size) > 0, "tokenizer", "'bpe:SIZE' with a positive SIZE")
+        from palmlite.data import tokenizer_options  # lazy: the config needs no data code
+        try:
+            tokenizer_options(self.tokenizer)
+        except ValueError as e:
+            raise ValueError(f"TrainConfig.{e}") from None
+        if self.mesh is not None:  # the syntax now; the device count when training starts
+            from palmlite.sharding import parse_mesh_spec
+            try:
+                parse_mesh_spec(self.mesh)
+            except ValueError as e:
+                raise ValueError(f"TrainConfig.{e}") from None
 
     @property
     def total_steps(self) -> int:

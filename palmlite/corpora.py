@@ -6,7 +6,8 @@ fingerprint that every dataset and run records. Names:
 - ``"pystdlib"`` (default): this Python's standard-library sources (no tests, no
   site-packages), ~12 MB of real human-written code, always present, no network.
 - ``"pydocs"``: the English reference prose shipped with Python (``pydoc_data.topics``).
-- ``"arithmetic"``: seeded synthetic problems such as ``4821+97=4918`` (see arithmetic.py).
+- ``"arithmetic"``: seeded synthetic problems such as ``4821+97=4918`` (see arithmetic.py),
+  one per document; ``"arithmetic:max_digits=2,lines=8"`` sets options (``arithmetic_corpus``).
 - ``"tinyshakespeare"`` (and any name in ``DOWNLOADS``): fetched once over HTTPS into the
   cache directory and checked against its sha256.
 - ``"tinystories"`` or ``"hf:OWNER/NAME"``: a Hugging Face dataset, when the optional
@@ -85,13 +86,35 @@ def load_corpus(name_or_path: str | os.PathLike = "pystdlib", **options) -> Corp
     if name == "pydocs":
         from pydoc_data.topics import topics
         return Corpus(name, tuple(topics[k] for k in sorted(topics)))
-    if name == "arithmetic":
-        return Corpus(name, tuple(p.text for p in arithmetic.problems(**options)))
+    if name == "arithmetic" or name.startswith("arithmetic:"):
+        return arithmetic_corpus(name, **options)
     if name in DOWNLOADS:
         return Corpus(name, (_read(fetch(name)),))
     if name in HF_ALIASES or name.startswith("hf:"):
         return _load_hugging_face(HF_ALIASES.get(name, name.removeprefix("hf:")), **options)
     return _load_local(name)
+
+
+def arithmetic_corpus(spec: str = "arithmetic", **options) -> Corpus:
+    """Arithmetic problems, options from ``spec`` ("arithmetic:KEY=VALUE,...") or keywords.
+
+    The keys are those of ``arithmetic.problems`` (n, seed, operators, min_digits,
+    max_digits) and ``lines``: problems per document, one per line (default 1, no newline).
+    With lines > 1 a document looks like a k-shot prompt ("2+3=5\\n17-4=13\\n..."), so a
+    model trained on it has seen the format that few-shot evaluation uses.
+    """
+    _, _, text = spec.partition(":")
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        options[key] = int(value) if value.isdigit() else value
+    allowed = ("n", "seed", "operators", "min_digits", "max_digits", "lines")
+    if unknown := sorted(set(options) - set(allowed)):
+        raise ValueError(f"corpus {spec!r}: unknown option(s) {unknown}; expected {allowed}")
+    lines = options.pop("lines", 1)
+    if not (isinstance(lines, int) and lines >= 1):
+        raise ValueError(f"corpus {spec!r}: lines={lines!r} is invalid: expected an integer >= 1")
+    texts = [p.text for p in arithmetic.problems(**options)]
+    return Corpus(spec, tuple("\n".join(texts[i:i + lines]) for i in range(0, len(texts), lines)))
 
 
 def pystdlib_files() -> list[Path]:

@@ -24,7 +24,8 @@ import numpy as np
 from palmlite.corpora import Corpus, load_corpus
 from palmlite.files import atomic_path, atomic_write_text, cache_dir
 
-__all__ = ["Corpus", "load_corpus", "TokenDataset", "Batches", "split_documents", "get_tokenizer"]
+__all__ = ["Corpus", "load_corpus", "TokenDataset", "Batches", "split_documents", "get_tokenizer",
+           "tokenizer_options"]
 FORMAT_VERSION = 1
 
 
@@ -41,14 +42,31 @@ def split_documents(n_docs: int, split: str, val_fraction: float, seed: int) -> 
     return np.sort(order[:n_val] if split == "validation" else order[n_val:])
 
 
+def tokenizer_options(spec: str) -> dict | None:
+    """The ``tokenizer.train`` options a spec asks for; None for "bytes" or a path.
+
+    "bpe:SIZE" and "unigram:SIZE" use PaLM's options, numbers split into single digits
+    (PaLM §2); a ":nosplit" suffix ("bpe:512:nosplit") lets BPE merge digits into pieces
+    such as "48" or "=4", the tokenization PaLM avoids (notebook 08 compares the two).
+    """
+    kind, _, rest = spec.partition(":")
+    if kind not in ("bpe", "unigram"):
+        return None
+    size, _, option = rest.partition(":")
+    if not (size.isdigit() and int(size) > 0 and option in ("", "nosplit")):
+        raise ValueError(f"tokenizer={spec!r} is invalid: expected 'bytes', '{kind}:SIZE' or "
+                         f"'{kind}:SIZE:nosplit' with a positive integer SIZE, or a .model path")
+    return dict(model_type=kind, vocab_size=int(size), split_digits=option != "nosplit")
+
+
 def get_tokenizer(spec: str, corpus: Corpus):
-    """"bytes" | "bpe:SIZE" | "unigram:SIZE" (trained on ``corpus``, cached) | a .model path."""
+    """"bytes" | "bpe:SIZE[:nosplit]" | "unigram:SIZE[:nosplit]" (trained on ``corpus``,
+    cached; see ``tokenizer_options``) | a .model path."""
     from palmlite import tokenizer
-    kind, _, size = spec.partition(":")
     if spec == "bytes":
         return tokenizer.ByteTokenizer()
-    if kind in ("bpe", "unigram") and size.isdigit():
-        return tokenizer.train(corpus, int(size), model_type=kind)
+    if (options := tokenizer_options(spec)) is not None:
+        return tokenizer.train(corpus, **options)
     return tokenizer.load(spec)
 
 

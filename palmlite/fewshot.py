@@ -119,24 +119,34 @@ def _shuffled(context: str, answer: str, distractors: Sequence[str], rng) -> Cho
     return Choice(context, tuple(options[i] for i in order), order.index(0))
 
 
-def arithmetic_choices(problems: Sequence[arithmetic.Problem], k: int = 0,
-                       seed: int = 0) -> list[Choice]:
-    """Each problem against near misses: the answer off by +1, -1 and +10."""
+def arithmetic_choices(problems: Sequence[arithmetic.Problem], k: int = 0, seed: int = 0,
+                       whole: bool = False) -> list[Choice]:
+    """Each problem against near misses: the answer off by +1, -1 and +10.
+
+    ``whole=True`` puts the prompt into every option (the context is then empty), so the
+    whole text is tokenized as one string and scored. Rankings then cannot depend on where a
+    tokenizer that merges digits cuts between prompt and answer: without PaLM's digit
+    splitting "=9" is one piece, so "57+38=" + "95" is a split the model never trained on.
+    """
     pool = [(p.prompt, p.answer) for p in problems]
     rng = np.random.default_rng(seed)
     items = []
     for p in problems:
         near_misses = [str(int(p.answer) + d) for d in (1, -1, 10)]
-        items.append(_shuffled(kshot_prompt(pool, p.prompt, k, seed), p.answer, near_misses, rng))
+        prompt = kshot_prompt(pool, p.prompt, k, seed)
+        context, stem = ("", prompt) if whole else (prompt, "")
+        items.append(_shuffled(context, stem + p.answer, [stem + m for m in near_misses], rng))
     return items
 
 
 def arithmetic_tasks(model, tokenizer, *, n: int = 100, k: int = 3, seed: int = 0,
-                     **problem_options) -> list[dict]:
-    """Arithmetic twice: generated answers (exact match) and ranked near misses."""
-    problems = arithmetic.problems(n, seed=seed, **problem_options)
+                     exclude: Sequence[str] = (), **problem_options) -> list[dict]:
+    """Arithmetic twice on ``n`` distinct problems not in ``exclude`` (e.g. the training
+    corpus's lines): generated answers (exact match) and near misses ranked by the
+    likelihood of the whole text (``arithmetic_choices(whole=True)``)."""
+    problems = arithmetic.held_out(n, exclude, seed=seed, **problem_options)
     return [exact_match_task(model, tokenizer, problems, k, seed=seed),
-            multiple_choice(model, tokenizer, arithmetic_choices(problems, k, seed),
+            multiple_choice(model, tokenizer, arithmetic_choices(problems, k, seed, whole=True),
                             task="arithmetic_choice", k=k)]
 
 

@@ -5,6 +5,8 @@
 Prefill runs the prompt once and fills the KV cache; each decoding step then feeds a
 single token, which attends over the cache instead of recomputing every earlier token.
 The loop is one ``jax.lax.while_loop``, compiled once per shape, so no token re-traces.
+``decode_tokens_per_second`` times it, with the cache or with full recomputation, and
+``measure_decoding`` does so for multi-head, grouped and multi-query attention.
 
 Prompts of different lengths are left-padded into one batch. Padding gets negative
 positions, which the cache mask hides from every query, and each row counts positions
@@ -14,7 +16,9 @@ from its own first token, so a batched row decodes exactly as it would alone.
 from __future__ import annotations
 
 import functools
-from typing import Iterable, NamedTuple
+import statistics
+from time import perf_counter
+from typing import Callable, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +26,8 @@ import numpy as np
 from flax import nnx
 
 from palmlite.attention import init_cache
+from palmlite.config import ModelConfig
+from palmlite.model import Transformer
 
 PROMPT_BUCKET = 16  # prompt lengths round up to a multiple of this: fewer compiled shapes
 
@@ -208,3 +214,78 @@ def generate(model, tokenizer, prompt: str | list[str], *, max_new_tokens: int =
             text = text.split(s, 1)[0]
         texts.append(text)
     return texts[0] if isinstance(prompt, str) else texts
+
+
+# ---- timing -------------------------------------------------------------------------------
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls, after one call that compiles and
+    warms up. JAX dispatches asynchronously, so each call waits for its results."""
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats!r} is invalid: expected an integer >= 1")
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = perf_counter()
+        jax.block_until_ready(fn())
+        times.append(perf_counter() - start)
+    return statistics.median(times)
+
+
+def decode_tokens_per_second(model, prompt_BxT, n_new: int, *, use_cache: bool = True,
+                             repeats: int = 5) -> float:
+    """Greedy decoding throughput (new tokens/s over the batch), compile and prompt excluded.
+
+    Decode time is t(prompt + n_new tokens) - t(prompt + 1 token): the prefill (or, without
+    the cache, the first full forward) cancels, leaving n_new - 1 decoding steps. PaLM §2's
+    case for multi-query attention is about exactly these steps: each one reads the whole
+    KV cache, so ``use_cache=False`` (recompute everything) is the baseline.
+    """
+    if n_new < 2:
+        raise ValueError(f"n_new={n_new!r} is invalid: expected >= 2 (the first new token's "
+                         "time is subtracted)")
+
+    def seconds(n: int) -> float:
+        return median_seconds(lambda: generate_tokens(model, prompt_BxT, max_new_tokens=n,
+                                                      temperature=0.0, use_cache=use_cache),
+                              repeats)
+
+    return prompt_BxT.shape[0] * (n_new - 1) / (seconds(n_new) - seconds(1))
+
+
+def kv_head_variants(n_heads: int) -> dict[str, int]:
+    """K/V head counts to compare: multi-head (n_heads), grouped (the largest proper divisor
+    of n_heads above 1, if any) and multi-query (1, PaLM §2)."""
+    variants = {"MHA": n_heads}
+    if grouped := next((d for d in range(n_heads // 2, 1, -1) if n_heads % d == 0), None):
+        variants["GQA"] = grouped
+    if n_heads > 1:
+        variants["MQA"] = 1
+    return variants
+
+
+def measure_decoding(base: ModelConfig, contexts: Iterable[int], *, batch: int = 8,
+                     new: int = 64, new_uncached: int = 8, repeats: int = 5,
+                     seed: int = 0) -> list[dict]:
+    """One row per context length and K/V variant of ``base``: the cache bytes of one
+    sequence (prompt + ``new`` tokens) and greedy decode tokens/s with the cache and with
+    full recomputation (fewer tokens: each step is a whole forward).
+
+    The models are untrained and the prompts random: speed does not depend on the weights.
+    """
+    rows = []
+    for context in contexts:
+        for name, n_kv_heads in kv_head_variants(base.n_heads).items():
+            max_len = context + max(new, new_uncached)
+            cfg = base.replace(n_kv_heads=n_kv_heads, max_seq_len=max_len)
+            model = Transformer(cfg, rngs=nnx.Rngs(seed))
+            prompt_BxT = jax.random.randint(jax.random.key(seed), (batch, context), 0,
+                                            cfg.vocab_size, dtype=jnp.int32)
+            rows.append(dict(
+                attention=name, n_kv_heads=n_kv_heads, context=context, batch=batch,
+                cache_bytes=init_cache(cfg, 1, context + new).nbytes,
+                cached_tokens_per_s=decode_tokens_per_second(
+                    model, prompt_BxT, new, use_cache=True, repeats=repeats),
+                uncached_tokens_per_s=decode_tokens_per_second(
+                    model, prompt_BxT, new_uncached, use_cache=False,
+                    repeats=max(1, repeats // 2))))
+    return rows

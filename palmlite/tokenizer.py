@@ -141,6 +141,8 @@ class SentencePieceTokenizer(Tokenizer):
         self.eos_id, self.pad_id = self._sp.eos_id(), self._sp.pad_id()
         model_type = self.options.get("model_type")
         self.name = f"sp-{model_type}-{self.vocab_size}" if model_type else f"sp-{self.vocab_size}"
+        if self.options.get("split_digits") is False:  # not PaLM's choice: say so in every record
+            self.name += "-nosplit"
         # SentencePiece turns every "▁" into a space on decode, so a literal "▁" in the text
         # must be spelled as its three UTF-8 byte pieces (or unk without byte fallback).
         byte_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in META.encode()]

@@ -7,6 +7,11 @@ The step is a pure function of (state, batch), compiled once per config: forward
 z-loss (PaLM §5), gradients, optax update. It never syncs with the host; the loop reads
 metrics back only every ``log_every`` steps. A non-finite loss skips its update (the
 parameters stay as they were) and is reported, with its step, at the next sync.
+
+``TrainConfig.mesh`` (e.g. ``"data=2,tensor=4"``) runs the same step on a device mesh
+(``palmlite.sharding``): the state is created sharded, each batch is placed split over the
+batch axes, and the step is jitted with those shardings. ``mesh=None`` is the one-device
+path, untouched.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from palmlite import __version__
 from palmlite.accounting import count_params, device_peak_flops, flops_per_token
@@ -36,10 +42,11 @@ from palmlite.model import Transformer
 from palmlite.moe import moe_stats
 from palmlite import schedules
 from palmlite import presets
+from palmlite import sharding
 
 # Fields that may differ when resuming (they do not change what is computed).
 RESUMABLE_CHANGES = {"steps", "tokens", "log_every", "eval_every", "checkpoint_every",
-                     "keep_checkpoints", "quiet"}
+                     "keep_checkpoints", "quiet", "mesh"}
 
 
 @dataclasses.dataclass
@@ -87,26 +94,42 @@ def compute_loss(model, batch_BxT1, z_loss_coef):
     return loss, metrics
 
 
-def init_state(cfg: ModelConfig, tc: TrainConfig, abstract: bool = False):
+def init_state(cfg: ModelConfig, tc: TrainConfig, abstract: bool = False, mesh=None):
     """(graphdef, schedule, optimizer, state): the state is a pytree of params, optimizer
-    state, step and the first non-finite step (-1: none). ``abstract``: shapes only."""
-    make = lambda: Transformer(cfg, rngs=nnx.Rngs(tc.seed))
-    graphdef, params = nnx.split(nnx.eval_shape(make) if abstract else make())
+    state, step and the first non-finite step (-1: none). ``abstract``: shapes only.
+    ``mesh``: the state is created directly in its shards (no device ever holds it whole)."""
+    model = lambda: Transformer(cfg, rngs=nnx.Rngs(tc.seed))
+    graphdef = nnx.graphdef(nnx.eval_shape(model))
     schedule, tx = schedules.from_config(tc)
-    opt = jax.eval_shape(tx.init, params) if abstract else tx.init(params)
-    state = dict(params=params, opt=opt, step=jnp.array(0, jnp.int32),
-                 bad_step=jnp.array(-1, jnp.int32))
-    return graphdef, schedule, tx, state
+
+    def make():
+        params = nnx.state(model())
+        return dict(params=params, opt=tx.init(params), step=jnp.array(0, jnp.int32),
+                    bad_step=jnp.array(-1, jnp.int32))
+
+    if abstract:
+        return graphdef, schedule, tx, jax.eval_shape(make)
+    if mesh is None:
+        return graphdef, schedule, tx, make()
+    shardings = sharding.state_shardings(jax.eval_shape(make), mesh)
+    return graphdef, schedule, tx, jax.jit(make, out_shardings=shardings)()
 
 
-def make_train_step(graphdef, tx, z_loss_coef: float):
-    """The jitted step: state -> state, metrics. The state is donated (updated in place)."""
+def loss_and_grads(graphdef, params, batch_BxT1, z_loss_coef: float):
+    """((loss, metrics), grads): compute_loss and its gradient w.r.t. the parameters."""
+    loss_fn = lambda p: compute_loss(nnx.merge(graphdef, p), batch_BxT1, z_loss_coef)
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+
+def make_train_step(graphdef, tx, z_loss_coef: float, state_sharding=None, batch_sharding=None):
+    """The jitted step: state -> state, metrics. The state is donated (updated in place).
+
+    With shardings (``palmlite.sharding``) the state keeps its layout from step to step and
+    the metrics come back replicated, so every process can read them.
+    """
 
     def step_fn(state, batch_BxT1):
-        def loss_fn(params):
-            return compute_loss(nnx.merge(graphdef, params), batch_BxT1, z_loss_coef)
-
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        (loss, metrics), grads = loss_and_grads(graphdef, state["params"], batch_BxT1, z_loss_coef)
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = jax.tree.map(lambda p, u: p + u.astype(p.dtype), state["params"], updates)
         finite = jnp.isfinite(loss)
@@ -116,9 +139,13 @@ def make_train_step(graphdef, tx, z_loss_coef: float):
                          step=state["step"] + 1,
                          bad_step=jnp.where((state["bad_step"] < 0) & ~finite, state["step"],
                                             state["bad_step"]))
-        return new_state, dict(metrics, grad_norm=optax.global_norm(grads))
+        return new_state, dict(metrics, grad_norm=optax.tree.norm(grads))
 
-    return jax.jit(step_fn, donate_argnums=0)
+    if state_sharding is None:
+        return jax.jit(step_fn, donate_argnums=0)
+    replicated = NamedSharding(batch_sharding.mesh, P())
+    return jax.jit(step_fn, donate_argnums=0, in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, replicated))
 
 
 def train(model: ModelConfig | str = "small", config: TrainConfig | None = None, *,
@@ -130,6 +157,9 @@ def train(model: ModelConfig | str = "small", config: TrainConfig | None = None,
     """
     cfg = presets.get(model) if isinstance(model, str) else model
     tc = (config or TrainConfig()).replace(**overrides)
+    mesh = None if tc.mesh is None else sharding.make_mesh(tc.mesh)  # checks the device count
+    batch_sharding = None if mesh is None else \
+        sharding.batch_sharding(mesh, (tc.batch_size, tc.seq_len + 1))  # and the batch size
     run_dir = Path(out) if out is not None else None
     if run_dir is not None:
         cfg, tc = _prepare_run_dir(run_dir, cfg, tc, resume)
@@ -143,21 +173,27 @@ def train(model: ModelConfig | str = "small", config: TrainConfig | None = None,
     val_ds = TokenDataset(corpus, tokenizer, split="validation", **split)
     batches = train_ds.batches(tc.batch_size, tc.seq_len, seed=tc.seed)
 
-    graphdef, schedule, tx, state = init_state(cfg, tc)
+    graphdef, schedule, tx, state = init_state(cfg, tc, mesh=mesh)
 
     ckpt = Checkpointer(run_dir / "checkpoints", tc.keep_checkpoints) if run_dir else None
     start = 0
     if ckpt is not None and resume:
-        restored = ckpt.restore_latest(state)
+        restored = ckpt.restore_latest(state)  # onto this run's mesh, whatever it was saved on
         if restored is not None:
             start, state, _ = restored
     info = _run_info(cfg, tc, tokenizer, corpus, train_ds, val_ds)
-    if run_dir is not None:
+    if run_dir is not None and jax.process_index() == 0:
         if tokenizer.path is not None:  # keep the vocabulary with the run
             shutil.copyfile(tokenizer.path, run_dir / "tokenizer.model")
         atomic_write_text(run_dir / "config.json", json.dumps(info, indent=1))
-    loop = _Loop(tc, cfg, graphdef, schedule, batches, val_ds, train_ds, run_dir, ckpt)
-    state = loop.run(make_train_step(graphdef, tx, tc.z_loss), state, start)
+    loop = _Loop(tc, cfg, graphdef, schedule, batches, val_ds, train_ds, run_dir, ckpt,
+                 batch_sharding)
+    if mesh is None:
+        step_fn = make_train_step(graphdef, tx, tc.z_loss)
+    else:
+        step_fn = make_train_step(graphdef, tx, tc.z_loss, sharding.state_shardings(state, mesh),
+                                  batch_sharding)
+    state = loop.run(step_fn, state, start)
     if ckpt is not None:
         ckpt.close()
     return TrainResult(nnx.merge(graphdef, state["params"]), tokenizer, loop.metrics, run_dir,
@@ -167,14 +203,19 @@ def train(model: ModelConfig | str = "small", config: TrainConfig | None = None,
 class _Loop:
     """The host side: feeds batches, logs, evaluates, checkpoints, guards against NaN."""
 
-    def __init__(self, tc, cfg, graphdef, schedule, batches, val_ds, train_ds, run_dir, ckpt):
+    def __init__(self, tc, cfg, graphdef, schedule, batches, val_ds, train_ds, run_dir, ckpt,
+                 batch_sharding=None):
         self.tc, self.cfg, self.graphdef, self.schedule = tc, cfg, graphdef, schedule
         self.batches, self.val_ds, self.train_ds = batches, val_ds, train_ds
         self.run_dir, self.ckpt = run_dir, ckpt
         self.metrics: list[dict] = []
         peak = device_peak_flops(jax.devices()[0].device_kind)
-        self.peak = None if peak is None else peak * jax.device_count()
+        # Without a mesh the step runs on one device, whatever the machine has.
+        n_devices = 1 if batch_sharding is None else batch_sharding.mesh.size
+        self.peak = None if peak is None else peak * n_devices
         self.flops_per_token = flops_per_token(cfg, tc.seq_len)
+        self.put = jnp.asarray if batch_sharding is None else \
+            (lambda batch: sharding.place_batch(batch, batch_sharding))
 
     def run(self, step_fn, state, start: int):
         tc, total = self.tc, self.tc.total_steps
@@ -186,7 +227,7 @@ class _Loop:
         bar = _progress(total, start, tc.quiet)
         pending, t0 = [], time.perf_counter()
         for step in range(start, total):
-            state, m = step_fn(state, jnp.asarray(self.batches.get(step)))
+            state, m = step_fn(state, self.put(self.batches.get(step)))
             pending.append(m)
             done = step + 1
             evaluate_now = done == total or _every(done, tc.eval_every)
@@ -221,7 +262,7 @@ class _Loop:
                           tc.batch_size, tc.eval_batches)
             row.update(val_loss=ev["loss"], val_bits_per_byte=ev["bits_per_byte"])
         self.metrics.append(row)
-        if self.run_dir is not None:
+        if self.run_dir is not None and jax.process_index() == 0:  # one writer per run
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)

@@ -39,3 +39,13 @@ def test_exact_match():
     assert arithmetic.exact_match(["12", " 7 ", "3"], ["12", "7", "4"]) == pytest.approx(2 / 3)
     with pytest.raises(ValueError):
         arithmetic.exact_match(["1"], ["1", "2"])
+
+
+def test_held_out_problems_are_distinct_seeded_and_unseen():
+    seen = [p.text for p in arithmetic.problems(300, seed=0, operators="+", max_digits=2)]
+    test = arithmetic.held_out(50, seen, seed=1, operators="+", max_digits=2)
+    assert len({p.text for p in test}) == 50 and not {p.text for p in test} & set(seen)
+    assert test == arithmetic.held_out(50, seen, seed=1, operators="+", max_digits=2)
+    assert arithmetic.held_out(100, seed=1, operators="+", max_digits=1)[0].prompt[1] == "+"
+    with pytest.raises(ValueError, match="n=101"):  # only 10 x 10 one-digit sums exist
+        arithmetic.held_out(101, seed=1, operators="+", max_digits=1)

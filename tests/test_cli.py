@@ -25,3 +25,13 @@ def test_unknown_command_exits_non_zero():
     result = subprocess.run([sys.executable, "-m", "palmlite.cli", "trian"],
                             capture_output=True, text=True)
     assert result.returncode != 0 and "invalid choice" in result.stderr
+
+
+def test_train_mesh_errors_name_the_problem(capsys):
+    """`--mesh` is checked before any data is read: bad syntax, or more devices than exist."""
+    base = ["train", "--preset", "tiny", "--steps", "1", "--out", "unused-run-dir"]
+    assert cli.main(base + ["--mesh", "data=2,model=2"]) == 2
+    assert "TrainConfig.mesh='data=2,model=2' is invalid: unknown axis ['model']" in \
+        capsys.readouterr().err
+    assert cli.main(base + ["--mesh", "data=2"]) == 2  # this process has one CPU device
+    assert "needs 2 devices but 1 are available" in capsys.readouterr().err

@@ -114,3 +114,17 @@ def test_hugging_face_without_datasets_gives_a_clear_message(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(ImportError, match="pip install datasets"):
         load_corpus("tinystories")
+
+
+def test_arithmetic_corpus_options_from_its_name():
+    from palmlite import arithmetic
+    default = load_corpus("arithmetic", n=10)
+    assert default.documents == tuple(p.text for p in arithmetic.problems(10))
+    corpus = load_corpus("arithmetic:n=10,max_digits=2,operators=+,lines=4")
+    lines = [p.text for p in arithmetic.problems(10, max_digits=2, operators="+")]
+    assert corpus.name == "arithmetic:n=10,max_digits=2,operators=+,lines=4"
+    assert corpus.documents == ("\n".join(lines[:4]), "\n".join(lines[4:8]), "\n".join(lines[8:]))
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['digits'\]"):
+        load_corpus("arithmetic:digits=3")
+    with pytest.raises(ValueError, match="lines=0"):
+        load_corpus("arithmetic:lines=0")

@@ -108,3 +108,30 @@ def test_too_little_data_for_a_window():
     ds = TokenDataset(Corpus("c", ("ab", "cd")), ByteTokenizer())
     with pytest.raises(ValueError, match="too few"):
         ds.batches(batch_size=2, seq_len=64)
+
+
+def test_tokenizer_specs_parse_with_and_without_digit_splitting():
+    from palmlite.data import tokenizer_options
+    assert tokenizer_options("bpe:512") == dict(model_type="bpe", vocab_size=512, split_digits=True)
+    assert tokenizer_options("unigram:300:nosplit") == dict(model_type="unigram", vocab_size=300,
+                                                            split_digits=False)
+    assert tokenizer_options("bytes") is None and tokenizer_options("runs/x/tok.model") is None
+    for bad in ("bpe:lots", "bpe:0", "bpe:512:split", "unigram:", "bpe:512:nosplit:x"):
+        with pytest.raises(ValueError, match="tokenizer="):
+            tokenizer_options(bad)
+
+
+def test_nosplit_tokenizer_merges_digits_and_is_cached_apart(cache):
+    from palmlite.data import get_tokenizer, load_corpus
+    corpus = load_corpus("arithmetic:n=3000,max_digits=3")
+    # Split digits leave 260 specials and bytes + 13 characters + 1 merge ("=-") to learn.
+    split, merged = get_tokenizer("bpe:274", corpus), get_tokenizer("bpe:400:nosplit", corpus)
+    text = "482+97=579"
+    assert split.pieces(text) == list(text)
+    assert any(sum(c.isdigit() for c in piece) > 1 for piece in merged.pieces(text))
+    assert merged.decode(merged.encode(text)) == text
+    assert (split.options["split_digits"], merged.options["split_digits"]) == (True, False)
+    assert (split.name, merged.name) == ("sp-bpe-274", "sp-bpe-400-nosplit")
+    assert split.fingerprint != merged.fingerprint and split.path != merged.path
+    assert get_tokenizer("bpe:400:nosplit", corpus).path == merged.path  # loaded from the cache
+    assert len(list((cache / "tokenizers").glob("*.model"))) == 2

@@ -109,3 +109,21 @@ def test_arithmetic_choices_offer_near_misses_and_tasks_return_rows(memorised):
     assert [(r["task"], r["k"], r["n"]) for r in rows] == [("arithmetic", 1, 4),
                                                            ("arithmetic_choice", 1, 4)]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+
+
+def test_whole_text_choices_put_the_prompt_in_every_option(memorised):
+    problems = [Problem("2+2=", "4"), Problem("3+5=", "8")]
+    pool = [(p.prompt, p.answer) for p in problems]
+    for item, p in zip(arithmetic_choices(problems, k=1, whole=True), problems):
+        prompt = kshot_prompt(pool, p.prompt, 1)
+        assert item.context == "" and item.options[item.answer] == prompt + p.answer
+        assert sorted(o.removeprefix(prompt) for o in item.options) == sorted(
+            str(int(p.answer) + d) for d in (0, 1, -1, 10))
+    model, tok = memorised
+    zero_shot = arithmetic_choices(problems, whole=True)
+    assert multiple_choice(model, tok, zero_shot)["accuracy"] == 1.0
+    # Excluding every other one-digit sum leaves exactly the three the model has memorised.
+    others = [f"{a}+{b}={a + b}" for a in range(10) for b in range(10)
+              if f"{a}+{b}={a + b}" not in ("2+2=4", "3+5=8", "7+1=8")]
+    rows = arithmetic_tasks(model, tok, n=3, k=0, max_digits=1, operators="+", exclude=others)
+    assert [(r["n"], r["accuracy"]) for r in rows] == [(3, 1.0), (3, 1.0)]

@@ -169,3 +169,68 @@ def test_invalid_requests_raise_before_running():
                 dict(top_p=1.5), dict(prompt_lengths_B=[0])):
         with pytest.raises(ValueError):
             generate_tokens(model, prompt, **bad)
+
+
+# ---- timing (behaviour only: the numbers themselves belong in benchmarks/) ----------------
+class FakeClock:
+    """perf_counter stand-in: a decode of n new tokens costs prefill + n * step seconds,
+    and its first call of each length also 'compiles' for 100 s."""
+
+    def __init__(self, prefill=0.5, step=0.01):
+        self.now, self.prefill, self.step, self.compiled = 0.0, prefill, step, set()
+
+    def generate_tokens(self, model, prompt_BxT, *, max_new_tokens, **options):
+        self.now += self.prefill + max_new_tokens * self.step
+        if max_new_tokens not in self.compiled:
+            self.compiled.add(max_new_tokens)
+            self.now += 100.0
+        return jnp.zeros(())
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_decode_tokens_per_second_cancels_the_prompt_and_skips_the_compile(monkeypatch):
+    from palmlite import generate as gen
+    clock = FakeClock(prefill=0.5, step=0.01)
+    monkeypatch.setattr(gen, "generate_tokens", clock.generate_tokens)
+    monkeypatch.setattr(gen, "perf_counter", clock.perf_counter)
+    prompt_BxT = jnp.zeros((4, 16), jnp.int32)
+    # 4 rows / 0.01 s per step: the 0.5 s prefill and the 100 s compiles drop out.
+    assert gen.decode_tokens_per_second(None, prompt_BxT, 33, repeats=3) == pytest.approx(400.0)
+    assert gen.median_seconds(lambda: clock.generate_tokens(None, None, max_new_tokens=7),
+                              repeats=2) == pytest.approx(0.57)
+    with pytest.raises(ValueError, match="n_new=1"):
+        gen.decode_tokens_per_second(None, prompt_BxT, 1)
+    with pytest.raises(ValueError, match="repeats=0"):
+        gen.median_seconds(lambda: None, repeats=0)
+
+
+def test_kv_head_variants_are_distinct_and_end_at_multi_query():
+    from palmlite.generate import kv_head_variants
+    assert kv_head_variants(48) == {"MHA": 48, "GQA": 24, "MQA": 1}
+    assert kv_head_variants(4) == {"MHA": 4, "GQA": 2, "MQA": 1}
+    assert kv_head_variants(25) == {"MHA": 25, "GQA": 5, "MQA": 1}  # GPT-2 1.5B
+    assert kv_head_variants(2) == {"MHA": 2, "MQA": 1}
+    assert kv_head_variants(1) == {"MHA": 1}
+
+
+def test_measure_decoding_times_every_variant_and_sizes_its_cache(monkeypatch):
+    from palmlite import generate as gen
+    calls = []
+
+    def fake_speed(model, prompt_BxT, n_new, *, use_cache, repeats):
+        calls.append((model.cfg.n_kv_heads, prompt_BxT.shape, n_new, use_cache, repeats))
+        return 1000.0 if use_cache else 10.0
+
+    monkeypatch.setattr(gen, "decode_tokens_per_second", fake_speed)
+    base = ModelConfig(**{**SMALL, "n_kv_heads": 1})
+    rows = gen.measure_decoding(base, [8, 16], batch=2, new=6, new_uncached=3, repeats=4)
+    assert [(r["attention"], r["n_kv_heads"], r["context"]) for r in rows] == [
+        ("MHA", 4, 8), ("GQA", 2, 8), ("MQA", 1, 8), ("MHA", 4, 16), ("GQA", 2, 16), ("MQA", 1, 16)]
+    for r in rows:
+        cfg = base.replace(n_kv_heads=r["n_kv_heads"])
+        assert r["cache_bytes"] == (r["context"] + 6) * kv_cache_bytes_per_token(cfg)
+        assert (r["cached_tokens_per_s"], r["uncached_tokens_per_s"], r["batch"]) == (1000, 10, 2)
+    assert calls[:2] == [(4, (2, 8), 6, True, 4), (4, (2, 8), 3, False, 2)]
+    assert rows[0]["cache_bytes"] == SMALL["n_heads"] * rows[2]["cache_bytes"]

@@ -143,6 +143,9 @@ def test_train_config_validation():
         TrainConfig(precision="fp8")
     with pytest.raises(ValueError, match="TrainConfig.tokenizer"):
         TrainConfig(tokenizer="bpe:lots")
+    with pytest.raises(ValueError, match="TrainConfig.tokenizer='bpe:512:split'.*nosplit"):
+        TrainConfig(tokenizer="bpe:512:split")
+    assert TrainConfig(tokenizer="unigram:512:nosplit").tokenizer == "unigram:512:nosplit"
     assert TrainConfig(steps=None, tokens=1000, batch_size=4, seq_len=32).total_steps == 8
 
 
@@ -187,3 +190,9 @@ def test_tokens_per_second_is_measured_after_the_steps_finished(corpus, tmp_path
     monkeypatch.setattr(train_module.jax, "device_get", slow_device_get)
     result = train(MODEL, config(corpus, steps=20, checkpoint_every=0), out=None)
     assert max(m["tokens_per_s"] for m in result.metrics) < 10 * 4 * 32 / 0.05
+
+
+def test_mesh_is_checked_before_the_run_directory_is_touched(corpus, tmp_path):
+    with pytest.raises(ValueError, match="needs 4 devices but 1 are available"):
+        train(MODEL, config(corpus, mesh="data=2,tensor=2"), out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,224 @@
+"""Scale out on JAX's device mesh: one mesh, one table of rules, no hand-written communication.
+
+Pathways' point (and PaLM §4's) is that one program runs from one chip to thousands. In JAX
+that program is an ordinary jitted step whose inputs carry shardings; XLA's SPMD partitioner
+inserts the all-gathers, reduce-scatters and all-to-alls. palmlite only decides *where each
+array lives*:
+
+- a **mesh** names the devices along four axes, always in this order:
+  ``data`` (pure data parallelism: parameters replicated, batch split),
+  ``fsdp`` (ZeRO-3 / fully sharded data parallelism: batch split *and* parameters split along
+  their ``embed`` dimension, gathered just in time for each matmul),
+  ``tensor`` (Megatron-style: heads and the MLP hidden dimension split, so each device holds
+  a column slice of the first matmul and a row slice of the second),
+  ``expert`` (GShard / GLaM: each device holds some experts; tokens travel to them);
+- **rules** map each logical axis name a parameter carries (``palmlite.layers.make_param``)
+  onto mesh axes. One table serves every strategy: a mesh axis of size 1 shards nothing, so
+  ``data=8`` is pure data parallelism, ``fsdp=8`` is ZeRO-3, ``data=2,tensor=4`` is PaLM's
+  2D layout (PaLM §4: data × model parallelism, no pipeline).
+
+A dimension that its mesh axes do not divide (e.g. one K/V head of multi-query attention on
+``tensor=4``, or a 259-token byte vocabulary on ``tensor=2``) is **replicated** instead of
+failing; PaLM §4 replicates its single K/V head the same way. Optimizer moments mirror the
+parameters (optax maps over the parameter tree, so they carry the same annotations) and get
+the same sharding; anything else (step counters, Adafactor's factored row/column moments,
+whose rank differs from their parameter's) is replicated.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor", "expert")
+
+# logical axis name -> mesh axis, a tuple of mesh axes, or None (replicated).
+DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp", "expert"),  # every data-like axis splits the batch (GShard)
+    "length": None,  # no sequence parallelism
+    "vocab": "tensor",  # embedding rows split like a column-parallel matmul
+    "embed": "fsdp",  # ZeRO-3: every weight split along d_model
+    "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor",  # Megatron column/row splits
+    "head_dim": None,
+    "expert": "expert",  # GShard: experts spread over devices
+}
+
+
+# ---- meshes --------------------------------------------------------------------------------
+def parse_mesh_spec(spec: str | dict[str, int] | None) -> dict[str, int]:
+    """``"data=2,fsdp=2,tensor=2"`` or ``{"data": -1}`` -> {axis: size}; -1 fills the devices
+    left over, None means ``data=-1``. Checks the syntax only (no devices needed), so that
+    ``TrainConfig.mesh`` is validated before anything runs."""
+    if spec is None:
+        return {"data": -1}
+    if isinstance(spec, str):
+        pairs = [p.partition("=") for p in spec.split(",")]
+        if any(not sep for _, sep, _ in pairs):
+            raise _invalid(spec, "expected AXIS=SIZE pairs separated by commas")
+        items = [(k.strip(), v.strip()) for k, _, v in pairs]
+        if len({k for k, _ in items}) < len(items):
+            raise _invalid(spec, "an axis is named twice")
+        try:
+            sizes = {k: int(v) for k, v in items}
+        except ValueError:
+            raise _invalid(spec, "every SIZE must be an integer") from None
+    elif isinstance(spec, dict):
+        sizes = dict(spec)
+    else:
+        raise _invalid(spec, "expected a str such as 'data=2,tensor=4' or a dict")
+    unknown = sorted(set(sizes) - set(AXES))
+    if unknown:
+        raise _invalid(spec, f"unknown axis {unknown}; the axes are {AXES}")
+    for axis, size in sizes.items():
+        if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+            raise _invalid(spec, f"{axis}={size!r}: a size is a positive integer or -1 (fill)")
+    if list(sizes.values()).count(-1) > 1:
+        raise _invalid(spec, "only one axis may be -1")
+    return sizes
+
+
+def _invalid(spec, why: str) -> ValueError:
+    return ValueError(f"mesh={spec!r} is invalid: {why}")
+
+
+def make_mesh(spec: str | dict[str, int] | None = None, devices=None) -> Mesh:
+    """A mesh with axes (data, fsdp, tensor, expert) over ``devices`` (default: all of them).
+
+    Unnamed axes have size 1; the product of the sizes must equal the device count. Axes are
+    ``Auto`` (XLA propagates shardings through the step), not JAX's newer ``Explicit`` ones.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = parse_mesh_spec(spec)
+    shape = [sizes.get(axis, 1) for axis in AXES]
+    fixed = math.prod(s for s in shape if s != -1)
+    if -1 in shape and len(devices) % fixed == 0:
+        shape[shape.index(-1)] = len(devices) // fixed
+    if math.prod(shape) != len(devices):
+        raise _invalid(spec, f"it needs {'a multiple of ' if -1 in shape else ''}{fixed} "
+                             f"devices but {len(devices)} are available (the product of the "
+                             "sizes must equal the device count; -1 fills)")
+    return jax.make_mesh(tuple(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES),
+                         devices=devices)
+
+
+def mesh_str(mesh: Mesh) -> str:
+    """``data=2,fsdp=1,tensor=4,expert=1``: the mesh as a spec that recreates it."""
+    return ",".join(f"{axis}={size}" for axis, size in mesh.shape.items())
+
+
+# ---- rules ---------------------------------------------------------------------------------
+def make_rules(overrides: dict[str, Any] | None = None) -> dict[str, tuple[str, ...]]:
+    """DEFAULT_RULES updated by ``overrides`` (e.g. ``{"embed": None}`` turns FSDP off),
+    normalised so that every value is a tuple of mesh axes (empty: replicated)."""
+    rules = {}
+    for name, axes in {**DEFAULT_RULES, **(overrides or {})}.items():
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        if not set(axes) <= set(AXES):
+            raise ValueError(f"sharding rule {name!r} -> {axes!r} is invalid: expected None, "
+                             f"a mesh axis or a tuple of mesh axes from {AXES}")
+        rules[name] = axes
+    return rules
+
+
+def partition_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
+                   rules: dict[str, tuple[str, ...]]) -> P:
+    """The PartitionSpec of one array whose dimensions carry logical ``names``.
+
+    Mesh axes of size 1 are left out (they shard nothing), a mesh axis splits at most one
+    dimension, and a dimension its axes do not divide is replicated (module docstring).
+    """
+    used, spec = set(), []
+    for name, size in zip(names, shape):
+        axes = tuple(a for a in rules.get(name, ()) if mesh.shape[a] > 1 and a not in used)
+        if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
+            used.update(axes)
+            spec.append(axes[0] if len(axes) == 1 else axes)
+        else:
+            spec.append(None)
+    return P(*spec)
+
+
+def state_shardings(tree: Any, mesh: Mesh, rules: dict[str, Any] | None = None) -> Any:
+    """A NamedSharding for every array of ``tree`` (parameters, optimizer state, counters,
+    concrete or abstract), from the logical axes its ``nnx.Variable`` carries."""
+    rules = make_rules(rules)
+
+    def one(x):
+        if not isinstance(x, nnx.Variable):
+            return NamedSharding(mesh, P())
+        names = x.get_metadata().get("out_sharding") or ()
+        rank_matches = len(names) == len(x.shape)  # not so for Adafactor's factored moments
+        spec = partition_spec(names, x.shape, mesh, rules) if rank_matches else P()
+        return x.replace(NamedSharding(mesh, spec))
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, shape: tuple[int, int], rules: dict[str, Any] | None = None
+                   ) -> NamedSharding:
+    """Token batches [B, T+1] split by the ``batch`` rule; B must divide evenly (a replicated
+    batch would silently repeat the work on every device)."""
+    rules = make_rules(rules)
+    spec = partition_spec(("batch", "length"), shape, mesh, rules)
+    wanted = math.prod(mesh.shape[a] for a in rules["batch"])
+    if wanted > 1 and spec[0] is None:
+        raise ValueError(f"batch_size={shape[0]} is not divisible by the mesh's batch axes "
+                         f"{rules['batch']} ({wanted} devices in {mesh_str(mesh)})")
+    return NamedSharding(mesh, spec)
+
+
+# ---- data ----------------------------------------------------------------------------------
+def place_batch(batch_BxT1: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """The global batch as one array split over the mesh. With several processes, each one
+    copies to its own devices only the rows they hold (``make_array_from_callback``); every
+    process still reads the whole batch from the memory-mapped tokens, which is cheap."""
+    if jax.process_count() == 1:
+        return jax.device_put(batch_BxT1, sharding)
+    return jax.make_array_from_callback(batch_BxT1.shape, sharding, lambda index: batch_BxT1[index])
+
+
+# ---- several hosts -------------------------------------------------------------------------
+def initialize_distributed() -> bool:
+    """``jax.distributed.initialize()`` when this process is one of several; call it before
+    anything else touches JAX. Returns whether it did.
+
+    Detected: SLURM with more than one task (``srun``), Open MPI (``mpirun``), an explicit
+    ``JAX_COORDINATOR_ADDRESS``, or ``PALMLITE_DISTRIBUTED=1`` (set it on a TPU pod slice,
+    whose workers JAX finds through the TPU metadata server). JAX then reads the process
+    count, this process's id and the coordinator from that environment.
+    """
+    env = os.environ
+    several = (int(env.get("SLURM_NTASKS", "1")) > 1
+               or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+               or "JAX_COORDINATOR_ADDRESS" in env or env.get("PALMLITE_DISTRIBUTED") == "1")
+    if not several or jax.distributed.is_initialized():
+        return False
+    jax.distributed.initialize()
+    return True
+
+
+# ---- inspection ----------------------------------------------------------------------------
+def bytes_per_device(tree: Any) -> dict[Any, int]:
+    """Bytes each local device holds for the arrays of ``tree``, summed over their shards."""
+    held: dict[Any, int] = collections.Counter()
+    for x in jax.tree.leaves(tree):
+        for shard in x.addressable_shards:
+            held[shard.device] += shard.data.nbytes
+    return dict(held)
+
+
+def describe(tree: Any) -> list[dict]:
+    """One row per array: path, global shape, PartitionSpec and the shape one device holds."""
+    rows = []
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = jax.tree_util.keystr(path, simple=True, separator=".").removesuffix(".value")
+        rows.append(dict(name=name, shape=x.shape, spec=x.sharding.spec,
+                         per_device=x.sharding.shard_shape(x.shape)))
+    return rows
