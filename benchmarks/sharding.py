@@ -48,7 +48,7 @@ def variant(cfg: pl.ModelConfig, tc: TrainConfig, mesh_spec: str | None):
         batch_sh = sharding.batch_sharding(mesh, batch_shape)
         step = make_train_step(graphdef, tx, tc.z_loss, sharding.state_shardings(state, mesh),
                                batch_sh)
-        put = lambda batch: sharding.place_batch(batch, batch_sh)
+        put = lambda batch: sharding.place_batch(lambda rows: batch[rows], batch.shape, batch_sh)
     step = step.lower(state, jax.ShapeDtypeStruct(batch_shape, jnp.int32)).compile()
     return step, state, put
 

@@ -176,9 +176,10 @@ class Batches:
             self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_windows))
         return self._order[1]
 
-    def get(self, step: int) -> np.ndarray:
-        """The batch for ``step``: int32 [batch_size, seq_len + 1]."""
-        g = step * self.batch_size + np.arange(self.batch_size)  # global window indices
+    def get(self, step: int, rows: slice = slice(None)) -> np.ndarray:
+        """The batch for ``step``: int32 [batch_size, seq_len + 1], or only its ``rows``
+        (what one host of several reads: ``sharding.place_batch``)."""
+        g = step * self.batch_size + np.arange(self.batch_size)[rows]  # global window indices
         epochs, pos = np.divmod(g, self.n_windows)
         if epochs[-1] >= 1 and not self._warned:
             self._warned = True
@@ -187,7 +188,7 @@ class Batches:
                           "repeats. PaLM trained exactly one epoch; repeated data changes "
                           "scaling results.", RuntimeWarning, stacklevel=2)
         starts = np.array([self._permutation(e)[p] for e, p in zip(epochs, pos)]) * self.seq_len
-        self.tokens_served += self.batch_size * self.seq_len
+        self.tokens_served += len(g) * self.seq_len
         return np.asarray(self.dataset.tokens[starts[:, None] + np.arange(self.seq_len + 1)],
                           dtype=np.int32)
 

@@ -175,13 +175,14 @@ def batch_sharding(mesh: Mesh, shape: tuple[int, int], rules: dict[str, Any] | N
 
 
 # ---- data ----------------------------------------------------------------------------------
-def place_batch(batch_BxT1: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """The global batch as one array split over the mesh. With several processes, each one
-    copies to its own devices only the rows they hold (``make_array_from_callback``); every
-    process still reads the whole batch from the memory-mapped tokens, which is cheap."""
+def place_batch(read_rows, shape: tuple[int, int], sharding: NamedSharding) -> jax.Array:
+    """The global batch of ``shape`` as one array split over the mesh. ``read_rows(rows)``
+    returns the batch's rows in the slice ``rows``; with several processes, each one reads
+    only the rows its own devices hold (``make_array_from_callback`` asks per device)."""
     if jax.process_count() == 1:
-        return jax.device_put(batch_BxT1, sharding)
-    return jax.make_array_from_callback(batch_BxT1.shape, sharding, lambda index: batch_BxT1[index])
+        return jax.device_put(read_rows(slice(None)), sharding)
+    return jax.make_array_from_callback(shape, sharding,
+                                        lambda index: read_rows(index[0])[:, index[1]])
 
 
 # ---- several hosts -------------------------------------------------------------------------

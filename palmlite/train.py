@@ -214,8 +214,7 @@ class _Loop:
         n_devices = 1 if batch_sharding is None else batch_sharding.mesh.size
         self.peak = None if peak is None else peak * n_devices
         self.flops_per_token = flops_per_token(cfg, tc.seq_len)
-        self.put = jnp.asarray if batch_sharding is None else \
-            (lambda batch: sharding.place_batch(batch, batch_sharding))
+        self.batch_sharding = batch_sharding
 
     def run(self, step_fn, state, start: int):
         tc, total = self.tc, self.tc.total_steps
@@ -227,7 +226,7 @@ class _Loop:
         bar = _progress(total, start, tc.quiet)
         pending, t0 = [], time.perf_counter()
         for step in range(start, total):
-            state, m = step_fn(state, self.put(self.batches.get(step)))
+            state, m = step_fn(state, self._batch(step))
             pending.append(m)
             done = step + 1
             evaluate_now = done == total or _every(done, tc.eval_every)
@@ -240,6 +239,13 @@ class _Loop:
                 pending, t0 = [], time.perf_counter()  # evaluating and saving are not training
         bar.close()
         return state
+
+    def _batch(self, step: int) -> jax.Array:
+        if self.batch_sharding is None:
+            return jnp.asarray(self.batches.get(step))
+        shape = (self.tc.batch_size, self.tc.seq_len + 1)
+        return sharding.place_batch(lambda rows: self.batches.get(step, rows), shape,
+                                    self.batch_sharding)
 
     def _log(self, state, pending, done, elapsed, bar, evaluate_now: bool):
         got = pending  # already on the host: read after the interval's steps finished

@@ -83,8 +83,12 @@ def test_batches_are_windows_of_the_data_without_replacement():
             starts.add(start)
     assert len(starts) == (batches.n_windows // 4) * 4  # no window served twice in an epoch
     np.testing.assert_array_equal(batches.get(3), ds.batches(4, 16, seed=0).get(3))
+    # A host of several reads only its rows of the same batch (sharding.place_batch).
+    host = ds.batches(4, 16, seed=0)
+    np.testing.assert_array_equal(host.get(3, slice(2, 4)), batches.get(3)[2:4])
+    assert host.tokens_served == 2 * 16
     assert not np.array_equal(batches.get(3), ds.batches(4, 16, seed=1).get(3))
-    assert batches.tokens_served == (batches.n_windows // 4 + 2) * 4 * 16
+    assert batches.tokens_served == (batches.n_windows // 4 + 3) * 4 * 16
 
 
 def test_warns_once_past_one_epoch():

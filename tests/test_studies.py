@@ -162,3 +162,43 @@ def test_figures_are_redrawn_from_results_alone(tmp_path):
                 metrics={"val_bits_per_byte": 1.0 + x}))
     files = draw_figures(spec, root=tmp_path)
     assert sorted(f.name for f in files) == ["first.png", "first.svg"]
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_loses_nothing_and_duplicates_nothing(tmp_path):
+    """Kill a sweep (its whole process group) while a point runs; the re-run keeps the
+    finished point, reruns the killed one and writes each point exactly once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("x = 1\nseed = 0\nresult_path = None")
+    params.metadata["tags"] = ["parameters"]
+    body = nbformat.v4.new_code_cell(
+        "import os, time\nfrom palmlite.studies import record\n"
+        f"while x == 2 and os.path.exists({str(tmp_path / 'hold')!r}):\n    time.sleep(0.2)\n"
+        "record({'y': x}, result_path)")
+    nb.cells = [params, body]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "nb.ipynb")
+    (tmp_path / "study.yaml").write_text("name: k\nnotebook: nb.ipynb\ngrid: {product: {x: [1, 2, 3]}}\n")
+    (tmp_path / "hold").touch()
+    results = tmp_path / "studies/results/k.jsonl"
+    sweep = subprocess.Popen([sys.executable, "-m", "palmlite.cli", "sweep", "study.yaml"],
+                             cwd=tmp_path, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (results.exists() and results.read_text().count("\n") == 1):
+        assert time.time() < deadline and sweep.poll() is None, "the first point never finished"
+        time.sleep(0.2)
+    time.sleep(1)  # the second point is now running (held)
+    os.killpg(sweep.pid, signal.SIGKILL)
+    sweep.wait()
+    assert [r["point"] for r in read_results(results)] == ["seed=0,x=1"]
+    (tmp_path / "hold").unlink()
+    assert run_study(tmp_path / "study.yaml", root=tmp_path) == 0
+    rows = read_results(results)
+    assert sorted(r["point"] for r in rows) == ["seed=0,x=1", "seed=0,x=2", "seed=0,x=3"]
+    assert {r["metrics"]["y"] for r in rows} == {1, 2, 3}
