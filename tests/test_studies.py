@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -202,3 +203,17 @@ def test_a_killed_sweep_loses_nothing_and_duplicates_nothing(tmp_path):
     rows = read_results(results)
     assert sorted(r["point"] for r in rows) == ["seed=0,x=1", "seed=0,x=2", "seed=0,x=3"]
     assert {r["metrics"]["y"] for r in rows} == {1, 2, 3}
+
+
+@pytest.mark.parametrize("spec", sorted((Path(__file__).parent.parent / "studies").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_shipped_study_sets_only_parameters_its_notebook_has(spec):
+    """papermill only warns about an unknown parameter; a typo in a study would silently
+    run the notebook's default instead."""
+    from palmlite.studies import load_studies
+    for study in load_studies(spec):
+        cell = next(c for c in nbformat.read(study.notebook, as_version=4).cells
+                    if "parameters" in c.metadata.get("tags", []))
+        names = {line.split("=")[0].strip() for line in cell.source.splitlines() if "=" in line}
+        unknown = {k for p in study.points() for k in p} - names
+        assert not unknown, f"{spec.name}: {study.name} sets {sorted(unknown)} unknown to {study.notebook.name}"
