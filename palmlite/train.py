@@ -226,7 +226,8 @@ class _Loop:
         bar = _progress(total, start, tc.quiet)
         pending, t0 = [], time.perf_counter()
         for step in range(start, total):
-            state, m = step_fn(state, self._batch(step))
+            batch = self._place(lambda rows: self.batches.get(step, rows), batch_shape.shape)
+            state, m = step_fn(state, batch)
             pending.append(m)
             done = step + 1
             evaluate_now = done == total or _every(done, tc.eval_every)
@@ -240,12 +241,12 @@ class _Loop:
         bar.close()
         return state
 
-    def _batch(self, step: int) -> jax.Array:
+    def _place(self, read_rows, shape: tuple[int, int]) -> jax.Array:
+        """A [batch, seq_len + 1] batch on the devices: whole, or split over the mesh with
+        each host reading only its own rows (``read_rows(rows)``)."""
         if self.batch_sharding is None:
-            return jnp.asarray(self.batches.get(step))
-        shape = (self.tc.batch_size, self.tc.seq_len + 1)
-        return sharding.place_batch(lambda rows: self.batches.get(step, rows), shape,
-                                    self.batch_sharding)
+            return jnp.asarray(read_rows(slice(None)))
+        return sharding.place_batch(read_rows, shape, self.batch_sharding)
 
     def _log(self, state, pending, done, elapsed, bar, evaluate_now: bool):
         got = pending  # already on the host: read after the interval's steps finished
@@ -265,7 +266,8 @@ class _Loop:
                        expert_load=(sum(m["expert_load"] for m in got) / len(got)).tolist())
         if evaluate_now:
             ev = evaluate(nnx.merge(self.graphdef, state["params"]), self.val_ds, tc.seq_len,
-                          tc.batch_size, tc.eval_batches)
+                          tc.batch_size, tc.eval_batches,
+                          put=lambda b: self._place(lambda rows: b[rows], b.shape))
             row.update(val_loss=ev["loss"], val_bits_per_byte=ev["bits_per_byte"])
         self.metrics.append(row)
         if self.run_dir is not None and jax.process_index() == 0:  # one writer per run

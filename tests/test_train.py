@@ -63,10 +63,10 @@ def test_interrupted_run_resumes_bit_identical(corpus, tmp_path, monkeypatch):
     whole = train(MODEL, tc, out=tmp_path / "whole")
     get = Batches.get
 
-    def killed_at_25(self, step):
+    def killed_at_25(self, step, rows=slice(None)):
         if step == 25:
             raise KeyboardInterrupt
-        return get(self, step)
+        return get(self, step, rows)
 
     monkeypatch.setattr(Batches, "get", killed_at_25)
     with pytest.raises(KeyboardInterrupt):
@@ -108,7 +108,8 @@ def test_nan_guard_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     get = Batches.get
     monkeypatch.setattr(train_module, "compute_loss", _poison_on_marker(train_module.compute_loss))
     monkeypatch.setattr(Batches, "get",
-                        lambda self, step: get(self, step) if step != 7 else -np.ones_like(get(self, step)))
+                        lambda self, step, rows=slice(None): get(self, step, rows) if step != 7
+                        else -np.ones_like(get(self, step, rows)))
     with pytest.raises(FloatingPointError, match="step 7.*step 5"):
         train(MODEL, config(corpus, checkpoint_every=5, log_every=5), out=tmp_path / "run")
     steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
