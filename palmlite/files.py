@@ -17,8 +17,9 @@ from typing import Iterator
 
 
 def cache_dir(*parts: str) -> Path:
-    """``$PALMLITE_CACHE`` (default ``~/.cache/palmlite``) joined with ``parts``, created."""
-    root = Path(os.environ.get("PALMLITE_CACHE", Path.home() / ".cache" / "palmlite"))
+    """``$PALMLITE_CACHE`` (default ``~/.cache/palmlite``, also when set but empty, which
+    would otherwise mean the working directory) joined with ``parts``, created."""
+    root = Path(os.environ.get("PALMLITE_CACHE") or Path.home() / ".cache" / "palmlite")
     path = root.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path

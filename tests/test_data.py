@@ -139,3 +139,11 @@ def test_nosplit_tokenizer_merges_digits_and_is_cached_apart(cache):
     assert split.fingerprint != merged.fingerprint and split.path != merged.path
     assert get_tokenizer("bpe:400:nosplit", corpus).path == merged.path  # loaded from the cache
     assert len(list((cache / "tokenizers").glob("*.model"))) == 2
+
+
+def test_an_empty_cache_variable_means_the_default_not_the_working_directory(monkeypatch, tmp_path):
+    from palmlite.files import cache_dir
+    monkeypatch.setenv("PALMLITE_CACHE", "")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert cache_dir("tokenizers") == tmp_path / ".cache" / "palmlite" / "tokenizers"
