@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import json
+import multiprocessing
 import os
 import platform
 import tempfile
@@ -89,7 +90,9 @@ def _run_one(study: Study, workers: int, only: list[str], dry_run: bool, root: P
     runs_dir.mkdir(parents=True, exist_ok=True)
     env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"} if workers > 1 else {}
     failed = 0
-    with futures.ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+    # Spawned, not forked: a fork of a process that has started JAX's threads can deadlock.
+    spawn = multiprocessing.get_context("spawn")
+    with futures.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=spawn) as pool:
         jobs = {}
         for p in pending:
             output = runs_dir / f"{study.key(p)}.ipynb"
