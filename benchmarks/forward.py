@@ -9,24 +9,13 @@ the achieved model FLOP/s, and MFU where the device's peak is known (None on a C
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 import palmlite as pl
-
-
-def median_seconds(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from palmlite.generate import median_seconds
 
 
 def bench(preset: str, batch: int, seq: int, dtype: str, repeats: int) -> dict:
@@ -42,8 +31,8 @@ def bench(preset: str, batch: int, seq: int, dtype: str, repeats: int) -> dict:
             return ce + 1e-4 * z
         return nnx.grad(loss_fn)(m)
 
-    fwd = median_seconds(forward, model, x, repeats=repeats)
-    fwd_bwd = median_seconds(forward_backward, model, x, repeats=repeats)
+    fwd = median_seconds(lambda: forward(model, x), repeats)
+    fwd_bwd = median_seconds(lambda: forward_backward(model, x), repeats)
     tokens = batch * seq
     # flops_per_token counts forward + backward (3x the forward's 2N + attention).
     train_flops = pl.flops_per_token(cfg, seq) * tokens

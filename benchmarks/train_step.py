@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 import palmlite as pl
 from palmlite.config import TrainConfig
+from palmlite.generate import median_seconds
 from palmlite.train import init_state, make_train_step
 
 GPT2 = dict(position="learned", activation="gelu", block="serial", norm="layernorm",
@@ -80,13 +81,7 @@ def matmul_peak(n: int = 8192, repeats: int = 10) -> float:
     """The bf16 matmul rate this device reaches on an n³ product of random matrices."""
     a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in range(2))
     f = jax.jit(jnp.dot)
-    jax.block_until_ready(f(a, b))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(a, b))
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times)
+    return 2 * n**3 / median_seconds(lambda: f(a, b), repeats)
 
 
 def cpu_suite(args) -> None:

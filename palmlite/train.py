@@ -188,12 +188,9 @@ def train(model: ModelConfig | str = "small", config: TrainConfig | None = None,
         atomic_write_text(run_dir / "config.json", json.dumps(info, indent=1))
     loop = _Loop(tc, cfg, graphdef, schedule, batches, val_ds, train_ds, run_dir, ckpt,
                  batch_sharding)
-    if mesh is None:
-        step_fn = make_train_step(graphdef, tx, tc.z_loss)
-    else:
-        step_fn = make_train_step(graphdef, tx, tc.z_loss, sharding.state_shardings(state, mesh),
-                                  batch_sharding)
-    state = loop.run(step_fn, state, start)
+    state_sharding = None if mesh is None else sharding.state_shardings(state, mesh)
+    state = loop.run(make_train_step(graphdef, tx, tc.z_loss, state_sharding, batch_sharding),
+                     state, start)
     if ckpt is not None:
         ckpt.close()
     return TrainResult(nnx.merge(graphdef, state["params"]), tokenizer, loop.metrics, run_dir,
