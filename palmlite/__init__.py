@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+from palmlite.files import use_compilation_cache
+
+use_compilation_cache()  # before anything compiles: JAX reads it once
+
 from palmlite import presets, sharding
 from palmlite.accounting import (PEAK_FLOPS, count_params, device_peak_flops, flops_per_token,
                                  kv_cache_bytes_per_token, mfu)

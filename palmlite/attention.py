@@ -147,6 +147,15 @@ def visible_slots(q_pos_BxT: jax.Array, k_pos_BxS: jax.Array) -> jax.Array:
     return visible_BxTxS[:, None]
 
 
+def padding_mask(pos_BxT: jax.Array) -> jax.Array:
+    """Without a cache, on top of the causal mask: no real query sees a padding key (negative
+    position). A padding query sees every key, so that no row is empty (its softmax stays
+    finite whatever the implementation); its output is ignored anyway."""
+    key_is_real_Bx1x1xS = pos_BxT[:, None, None, :] >= 0
+    query_is_padding_Bx1xTx1 = pos_BxT[:, None, :, None] < 0
+    return key_is_real_Bx1x1xS | query_is_padding_Bx1xTx1  # B x 1 x T x S (S = T)
+
+
 # ---- the attention layer ------------------------------------------------------------------
 class Attention(nnx.Module):
     """Queries have N heads; keys and values K heads shared by groups of N / K queries."""
@@ -162,9 +171,11 @@ class Attention(nnx.Module):
                        scale=out_scale)
 
     def __call__(self, x_BxTxD: jax.Array, pos_BxT: jax.Array, bias_BxNxTxS: jax.Array | None,
-                 cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
-        """Training (``cache=None``): causal attention within x. Decoding: the new K/V are
-        written into the cache at ``cache.start`` and the T queries attend over all S slots."""
+                 cache: LayerCache | None = None, mask_Bx1xTxS: jax.Array | None = None,
+                 ) -> tuple[jax.Array, LayerCache | None]:
+        """Training (``cache=None``): causal attention within x, restricted further by
+        ``mask_Bx1xTxS`` if given (``padding_mask``). Decoding: the new K/V are written into
+        the cache at ``cache.start`` and the T queries attend over all S slots."""
         q_BxTxNxH = self.q(x_BxTxD)
         k_BxSxKxH = self.k(x_BxTxD)
         v_BxSxKxH = self.v(x_BxTxD)
@@ -175,10 +186,11 @@ class Attention(nnx.Module):
             bias_BxNxTxS = bias_BxNxTxS.astype(q_BxTxNxH.dtype)
         # jax.nn.dot_product_attention groups the N query heads over the K shared
         # key/value heads itself (no repeated K/V).
-        if cache is None:  # "cudnn": one fused flash-attention kernel, no T x S matrix in memory
+        if cache is None:  # "cudnn": one fused flash-attention kernel, no T x S matrix in
+            # memory (unless a mask or bias is one)
             out_BxTxNxH = jax.nn.dot_product_attention(
-                q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, bias=bias_BxNxTxS, is_causal=True,
-                implementation=self.cfg.attention_impl)
+                q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, bias=bias_BxNxTxS, mask=mask_Bx1xTxS,
+                is_causal=True, implementation=self.cfg.attention_impl)
             return self.o(out_BxTxNxH), None
         # Decoding. A mask, not is_causal: JAX's causal mask lets query t see keys 0..t,
         # which is wrong once the T queries sit after S - T earlier slots.

@@ -18,9 +18,15 @@ ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 BLOCKS = ("parallel", "serial")
 POSITIONS = ("rope", "learned", "sinusoidal", "relative", "alibi", "none")
+ABSOLUTE_POSITIONS = ("learned", "sinusoidal")  # added to the embeddings; the rest see offsets only
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("xla", "cudnn")
 REMATS = ("none", "full", "dots")
+# Every string toggle of ModelConfig and its allowed values: the one list that validation,
+# the tests and the notebooks read.
+TOGGLES = {"norm": NORMS, "activation": ACTIVATIONS, "block": BLOCKS, "position": POSITIONS,
+           "dtype": DTYPES, "param_dtype": DTYPES, "attention_impl": ATTENTION_IMPLS,
+           "remat": REMATS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,9 +143,7 @@ class ModelConfig:
         for name in ("rope_theta", "norm_eps", "init_scale"):
             _require(getattr(self, name) > 0, name, getattr(self, name), "a positive number")
         _require(self.embed_init_std >= 0, "embed_init_std", self.embed_init_std, "a number >= 0")
-        for name, allowed in (("norm", NORMS), ("activation", ACTIVATIONS), ("block", BLOCKS),
-                              ("position", POSITIONS), ("dtype", DTYPES), ("param_dtype", DTYPES),
-                              ("attention_impl", ATTENTION_IMPLS), ("remat", REMATS)):
+        for name, allowed in TOGGLES.items():
             _require(getattr(self, name) in allowed, name, getattr(self, name), f"one of {allowed}")
         _require(self.n_kv_heads <= self.n_heads and self.n_heads % self.n_kv_heads == 0,
                  "n_kv_heads", self.n_kv_heads,
@@ -242,6 +246,7 @@ class TrainConfig:
     mesh: str | None = None  # e.g. "data=-1", "data=2,tensor=4" (palmlite.sharding); None: 1 device
     seed: int = 0  # parameter init and data order
     log_every: int = 10  # steps between metrics lines (and the only host syncs)
+    steps_per_call: int = 10  # optimizer steps per compiled call (one lax.scan; single steps near a sync)
     eval_every: int = 100  # steps between validation losses (0: only at the end)
     eval_batches: int = 8  # validation batches per evaluation
     checkpoint_every: int = 100  # steps between checkpoints (0: only at the end)
@@ -255,7 +260,8 @@ class TrainConfig:
         req = lambda ok, name, allowed: _require(ok, name, getattr(self, name), allowed, "TrainConfig")
         for f in dataclasses.fields(self):
             _check_type(f, getattr(self, f.name), "TrainConfig")
-        for name in ("batch_size", "seq_len", "log_every", "eval_batches", "keep_checkpoints"):
+        for name in ("batch_size", "seq_len", "log_every", "eval_batches", "keep_checkpoints",
+                     "steps_per_call"):
             req(getattr(self, name) > 0, name, "a positive integer")
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
             req(getattr(self, name) >= 0, name, "an integer >= 0")
@@ -297,6 +303,15 @@ class TrainConfig:
                 "bf16": dict(dtype="bfloat16", param_dtype="float32"),
                 "pure_bf16": dict(dtype="bfloat16", param_dtype="bfloat16")}[self.precision]
 
+    def model_dtypes(self, model: ModelConfig) -> dict[str, str]:
+        """``dtypes``, checked against ``model``: the precision is the one knob for training.
+
+        The model's dtype fields may stay at their defaults (float32, which the precision
+        then overrides) or agree with the precision; else ``ValueError`` names both fields.
+        """
+        _require_precision(_chosen_dtypes(model), self)
+        return self.dtypes
+
     def replace(self, **changes: Any) -> "TrainConfig":
         return _replace(self, changes)
 
@@ -332,7 +347,47 @@ def parse_overrides(assignments: list[str], model: ModelConfig, train: TrainConf
     train = train.replace(**changes["train"])
     # The precision decides the model's dtypes (as in train()), so that a toggle that
     # depends on them, e.g. attention_impl=cudnn with bf16, is validated against them.
-    return model.replace(**{**train.dtypes, **changes["model"]}), train
+    model = model.replace(**{**train.model_dtypes(model), **changes["model"]})
+    # An explicit model.dtype= / model.param_dtype= must agree with it, even if float32:
+    # train() would silently replace it.
+    _require_precision({k: v for k, v in changes["model"].items() if k in train.dtypes}, train)
+    return model, train
+
+
+def _chosen_dtypes(model: ModelConfig) -> dict[str, Any]:
+    """The model's dtype fields that are not at their defaults (float32)."""
+    return {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+            if f.name in ("dtype", "param_dtype") and getattr(model, f.name) != f.default}
+
+
+def _require_precision(dtypes: dict[str, Any], train: TrainConfig) -> None:
+    """Raise unless each model dtype field in ``dtypes`` is what ``train.precision`` sets."""
+    wrong = [f"ModelConfig.{k}={v!r}" for k, v in dtypes.items() if v != train.dtypes[k]]
+    if wrong:
+        implied = ", ".join(f"{k}={v!r}" for k, v in train.dtypes.items())
+        raise ValueError(f"{' and '.join(wrong)} disagree{'s' * (len(wrong) == 1)} with "
+                         f"TrainConfig.precision={train.precision!r} (which sets {implied}): "
+                         "set train.precision instead")
+
+
+_STEPS_PER_CALL = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "steps_per_call")
+
+
+def run_intervals(total_steps: int) -> dict[str, int]:
+    """Warm-up, evaluation and logging intervals that scale with a run of ``total_steps``.
+
+    ``TrainConfig(steps=n, **run_intervals(n))``; the last step is always evaluated and logged.
+    """
+    _require(isinstance(total_steps, int) and not isinstance(total_steps, bool)
+             and total_steps > 0, "total_steps", total_steps, "a positive integer",
+             "run_intervals")
+    ceil = lambda n: -(-total_steps // n)  # total_steps / n rounded up: at least 1
+    block = _STEPS_PER_CALL
+    # Syncs at whole compiled blocks (TrainConfig.steps_per_call) once a run has a few of them.
+    align = lambda n: -(-n // block) * block if total_steps >= 4 * block else n
+    return dict(warmup_steps=ceil(10),  # warm up over the first 10% of the steps
+                eval_every=align(ceil(6)),  # at most 6 validation losses, the last at the end
+                log_every=align(ceil(15)))  # at most 15 metrics lines
 
 
 def _parse_value(raw: str) -> Any:

@@ -121,8 +121,10 @@ def pystdlib_files() -> list[Path]:
     """The standard library's .py files, sorted, without tests and installed packages."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-    files = [p for p in root.rglob("*.py")
-             if not skip & set(p.relative_to(root).parts[:-1]) and not p.name.startswith("test_")]
+    files = []
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        dirs[:] = [d for d in dirs if d not in skip]  # prune: never walk site-packages
+        files += [Path(folder, n) for n in names if n.endswith(".py") and not n.startswith("test_")]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from palmlite.attention import (Attention, KVCache, LayerCache, RelativePositionBias,
-                                alibi_bias, visible_slots)
+                                alibi_bias, padding_mask, visible_slots)
 from palmlite.config import ModelConfig
 from palmlite.layers import Norm, normal_param
 from palmlite.mlp import MLP
@@ -48,14 +48,16 @@ class Block(nnx.Module):
         """The FFN's output, and its routing statistics if it is a mixture of experts."""
         return self.mlp(h_BxTxD) if isinstance(self.mlp, MoE) else (self.mlp(h_BxTxD), None)
 
-    def __call__(self, x_BxTxD, pos_BxT, bias_BxNxTxS, cache: LayerCache | None):
+    def __call__(self, x_BxTxD, pos_BxT, bias_BxNxTxS, cache: LayerCache | None,
+                 mask_Bx1xTxS: jax.Array | None = None):
         if self.parallel:  # PaLM §2: y = x + Attn(LN(x)) + MLP(LN(x)); ~15% faster at scale
             h_BxTxD = self.attn_norm(x_BxTxD)
-            a_BxTxD, cache = self.attn(h_BxTxD, pos_BxT, bias_BxNxTxS, cache)
+            a_BxTxD, cache = self.attn(h_BxTxD, pos_BxT, bias_BxNxTxS, cache, mask_Bx1xTxS)
             f_BxTxD, stats = self.ffn(h_BxTxD)
             return x_BxTxD + a_BxTxD + f_BxTxD, cache, stats
         # serial (GPT-2, Gopher): y = x + MLP(LN(x + Attn(LN(x))))
-        a_BxTxD, cache = self.attn(self.attn_norm(x_BxTxD), pos_BxT, bias_BxNxTxS, cache)
+        a_BxTxD, cache = self.attn(self.attn_norm(x_BxTxD), pos_BxT, bias_BxNxTxS, cache,
+                                   mask_Bx1xTxS)
         x_BxTxD = x_BxTxD + a_BxTxD
         f_BxTxD, stats = self.ffn(self.mlp_norm(x_BxTxD))
         return x_BxTxD + f_BxTxD, cache, stats
@@ -67,7 +69,7 @@ class Transformer(nnx.Module):
     With a cache (``attention.init_cache``), ``model(tokens_BxT, positions_BxT, cache)``
     appends the T tokens to it and returns ``(logits_BxTxV, new_cache)``: prefill is one
     call with the prompt, each decoding step one call with T = 1. A negative position
-    marks padding, which no query attends to.
+    marks padding, which no real query attends to, with or without a cache.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -95,18 +97,22 @@ class Transformer(nnx.Module):
                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None, list[MoEStats]]:
         """``__call__``'s work, plus the statistics of each MoE layer (``moe.moe_stats``)."""
         cfg, T = self.cfg, tokens_BxT.shape[1]
+        # Only given positions can be negative (padding); the default 0..T-1 needs no mask.
+        padded = positions_BxT is not None
         if positions_BxT is None:  # consecutive positions, continuing after the cached ones
             pos_T = jnp.arange(T) if cache is None else cache.length + jnp.arange(T)
             positions_BxT = jnp.broadcast_to(pos_T, tokens_BxT.shape)
         x_BxTxD = self.embed(tokens_BxT, positions_BxT)
         if cache is None:  # training: the T tokens are the keys, attended causally
             k_pos_BxS, layers = positions_BxT, [None] * cfg.n_layers
+            mask_Bx1xTxS = padding_mask(positions_BxT) if padded else None
         else:  # decoding: the T tokens join the cache; the keys are all of its S slots
             k_pos_BxS = jax.lax.dynamic_update_slice(
                 cache.pos_BxS, positions_BxT.astype(jnp.int32), (0, cache.length))
             visible_Bx1xTxS = visible_slots(positions_BxT, k_pos_BxS)
             layers = [LayerCache(k, v, cache.length, visible_Bx1xTxS)
                       for k, v in zip(cache.k, cache.v)]
+            mask_Bx1xTxS = None  # the cache's mask (visible_slots) covers padding
         bias_BxNxTxS = None  # relative / ALiBi: one bias for all layers, computed once
         if cfg.position == "relative":
             bias_BxNxTxS = self.relative_bias(positions_BxT, k_pos_BxS)
@@ -117,7 +123,7 @@ class Transformer(nnx.Module):
             run_block = nnx.remat(Block.__call__, policy=REMAT_POLICIES[cfg.remat])
         for i, block in enumerate(self.blocks):
             x_BxTxD, layers[i], layer_stats = run_block(block, x_BxTxD, positions_BxT,
-                                                        bias_BxNxTxS, layers[i])
+                                                        bias_BxNxTxS, layers[i], mask_Bx1xTxS)
             stats += [layer_stats] if layer_stats is not None else []
         logits_BxTxV = self.unembed(x_BxTxD)
         if cache is None:

@@ -175,14 +175,19 @@ def batch_sharding(mesh: Mesh, shape: tuple[int, int], rules: dict[str, Any] | N
 
 
 # ---- data ----------------------------------------------------------------------------------
-def place_batch(read_rows, shape: tuple[int, int], sharding: NamedSharding) -> jax.Array:
+def place_batch(read_rows, shape: tuple[int, ...], sharding: NamedSharding,
+                batch_axis: int = 0) -> jax.Array:
     """The global batch of ``shape`` as one array split over the mesh. ``read_rows(rows)``
-    returns the batch's rows in the slice ``rows``; with several processes, each one reads
-    only the rows its own devices hold (``make_array_from_callback`` asks per device)."""
+    returns the batch's rows in the slice ``rows`` (along ``batch_axis``: 1 for a block of
+    batches [K, B, T+1]); with several processes, each one reads only the rows its own
+    devices hold (``make_array_from_callback`` asks per device)."""
     if jax.process_count() == 1:
         return jax.device_put(read_rows(slice(None)), sharding)
-    return jax.make_array_from_callback(shape, sharding,
-                                        lambda index: read_rows(index[0])[:, index[1]])
+
+    def shard(index):
+        rest = tuple(s if i != batch_axis else slice(None) for i, s in enumerate(index))
+        return read_rows(index[batch_axis])[rest]
+    return jax.make_array_from_callback(shape, sharding, shard)
 
 
 # ---- several hosts -------------------------------------------------------------------------

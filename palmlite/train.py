@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -36,7 +37,7 @@ from palmlite.checkpoint import Checkpointer
 from palmlite.config import ModelConfig, TrainConfig
 from palmlite.data import TokenDataset, get_tokenizer, load_corpus
 from palmlite.evaluate import evaluate
-from palmlite.files import atomic_write_text
+from palmlite.files import COMPILATION_CACHE_COUNTS, atomic_write_text
 from palmlite.losses import cross_entropy_and_z_loss
 from palmlite.model import Transformer
 from palmlite.moe import moe_stats
@@ -46,7 +47,7 @@ from palmlite import sharding
 
 # Fields that may differ when resuming (they do not change what is computed).
 RESUMABLE_CHANGES = {"steps", "tokens", "log_every", "eval_every", "checkpoint_every",
-                     "keep_checkpoints", "quiet", "mesh"}
+                     "keep_checkpoints", "quiet", "mesh", "steps_per_call"}
 
 
 @dataclasses.dataclass
@@ -58,6 +59,7 @@ class TrainResult:
     model_config: ModelConfig
     train_config: TrainConfig
     info: dict  # what config.json records: configs, data fingerprints, device, versions
+    seconds: dict = dataclasses.field(default_factory=dict)  # setup, compile, training, ...
 
     def history(self, key: str) -> tuple[list[int], list[float]]:
         """(steps, values) of one metric, skipping lines that do not have it."""
@@ -76,6 +78,9 @@ class TrainResult:
             params=count_params(self.model_config),
             flops_per_token=flops_per_token(self.model_config, self.train_config.seq_len),
             seed=self.train_config.seed, history=self.metrics, device=self.info["device"],
+            seconds_training=self.seconds.get("training"),
+            seconds={k: round(v, 3) for k, v in self.seconds.items()},
+            compilation_cache=dict(COMPILATION_CACHE_COUNTS),  # this process's, so far
             corpus={k: data["corpus"][k] for k in ("name", "fingerprint")},
             tokenizer={k: data["tokenizer"][k] for k in ("name", "fingerprint")},
             model=self.info["model"], train=self.info["train"], versions=self.info["versions"])
@@ -109,8 +114,8 @@ def init_state(cfg: ModelConfig, tc: TrainConfig, abstract: bool = False, mesh=N
 
     if abstract:
         return graphdef, schedule, tx, jax.eval_shape(make)
-    if mesh is None:
-        return graphdef, schedule, tx, make()
+    if mesh is None:  # one compiled init (cached on disk), not one dispatch per parameter
+        return graphdef, schedule, tx, jax.jit(make)()
     shardings = sharding.state_shardings(jax.eval_shape(make), mesh)
     return graphdef, schedule, tx, jax.jit(make, out_shardings=shardings)()
 
@@ -121,8 +126,13 @@ def loss_and_grads(graphdef, params, batch_BxT1, z_loss_coef: float):
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
 
-def make_train_step(graphdef, tx, z_loss_coef: float, state_sharding=None, batch_sharding=None):
+def make_train_step(graphdef, tx, z_loss_coef: float, state_sharding=None, batch_sharding=None,
+                    steps_per_call: int = 1):
     """The jitted step: state -> state, metrics. The state is donated (updated in place).
+
+    With ``steps_per_call`` = K > 1 one call takes a block of K batches [K, B, T+1] and runs
+    K optimizer steps in a ``lax.scan``: the host dispatches once per block, which is most
+    of a tiny model's step time on a CPU. The metrics then come back stacked, [K] each.
 
     With shardings (``palmlite.sharding``) the state keeps its layout from step to step and
     the metrics come back replicated, so every process can read them.
@@ -141,10 +151,14 @@ def make_train_step(graphdef, tx, z_loss_coef: float, state_sharding=None, batch
                                             state["bad_step"]))
         return new_state, dict(metrics, grad_norm=optax.tree.norm(grads))
 
+    fn = step_fn if steps_per_call == 1 else \
+        lambda state, block_KxBxT1: jax.lax.scan(step_fn, state, block_KxBxT1)
     if state_sharding is None:
-        return jax.jit(step_fn, donate_argnums=0)
+        return jax.jit(fn, donate_argnums=0)
     replicated = NamedSharding(batch_sharding.mesh, P())
-    return jax.jit(step_fn, donate_argnums=0, in_shardings=(state_sharding, batch_sharding),
+    if steps_per_call > 1:  # the block axis is not split: each step's batch is, as before
+        batch_sharding = NamedSharding(batch_sharding.mesh, P(None, *batch_sharding.spec))
+    return jax.jit(fn, donate_argnums=0, in_shardings=(state_sharding, batch_sharding),
                    out_shardings=(state_sharding, replicated))
 
 
@@ -155,8 +169,10 @@ def train(model: ModelConfig | str = "small", config: TrainConfig | None = None,
     ``out`` is the run directory (config.json, metrics.jsonl, checkpoints/); ``resume``
     continues the run found there bit-identically. Keyword overrides go to ``config``.
     """
+    t_start = time.perf_counter()
     cfg = presets.get(model) if isinstance(model, str) else model
     tc = (config or TrainConfig()).replace(**overrides)
+    dtypes = tc.model_dtypes(cfg)  # the precision sets the model's dtypes; a disagreement raises
     mesh = None if tc.mesh is None else sharding.make_mesh(tc.mesh)  # checks the device count
     batch_sharding = None if mesh is None else \
         sharding.batch_sharding(mesh, (tc.batch_size, tc.seq_len + 1))  # and the batch size
@@ -167,7 +183,7 @@ def train(model: ModelConfig | str = "small", config: TrainConfig | None = None,
     corpus = load_corpus(tc.corpus)
     tokenizer = get_tokenizer(tc.tokenizer, corpus)
     cfg = cfg.replace(vocab_size=tokenizer.vocab_size, max_seq_len=max(cfg.max_seq_len, tc.seq_len),
-                      **tc.dtypes)
+                      **dtypes)
     split = dict(val_fraction=tc.val_fraction, seed=tc.seed)
     train_ds = TokenDataset(corpus, tokenizer, split="train", **split)
     val_ds = TokenDataset(corpus, tokenizer, split="validation", **split)
@@ -189,12 +205,14 @@ def train(model: ModelConfig | str = "small", config: TrainConfig | None = None,
     loop = _Loop(tc, cfg, graphdef, schedule, batches, val_ds, train_ds, run_dir, ckpt,
                  batch_sharding)
     state_sharding = None if mesh is None else sharding.state_shardings(state, mesh)
-    state = loop.run(make_train_step(graphdef, tx, tc.z_loss, state_sharding, batch_sharding),
-                     state, start)
+    make_step = lambda k: make_train_step(graphdef, tx, tc.z_loss, state_sharding, batch_sharding,
+                                          steps_per_call=k)
+    seconds = dict(setup=time.perf_counter() - t_start)  # data, tokenizer, init, restore
+    state = loop.run(make_step, state, start)
     if ckpt is not None:
         ckpt.close()
     return TrainResult(nnx.merge(graphdef, state["params"]), tokenizer, loop.metrics, run_dir,
-                       cfg, tc, info)
+                       cfg, tc, info, {**seconds, **loop.seconds})
 
 
 class _Loop:
@@ -212,38 +230,63 @@ class _Loop:
         self.peak = None if peak is None else peak * n_devices
         self.flops_per_token = flops_per_token(cfg, tc.seq_len)
         self.batch_sharding = batch_sharding
+        # Where the time goes (seconds): compiling the step, training steps (batches
+        # included), evaluation and checkpoints. Setup before the loop is the caller's.
+        self.seconds = dict(compile=0.0, training=0.0, evaluation=0.0, checkpoint=0.0)
 
-    def run(self, step_fn, state, start: int):
+    def run(self, make_step, state, start: int):
+        """Train from step ``start`` to the end: blocks of ``steps_per_call`` steps, single
+        steps where a block would overrun the next log/eval/checkpoint step."""
         tc, total = self.tc, self.tc.total_steps
         if self.run_dir is not None:
             self.metrics = _read_metrics(self.run_dir / "metrics.jsonl", upto=start)
-        # Compile ahead of time so that tokens/s never includes compilation.
-        batch_shape = jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len + 1), jnp.int32)
-        step_fn = step_fn.lower(state, batch_shape).compile()
+        compiled = {}  # steps per call -> executable, compiled on first use
         bar = _progress(total, start, tc.quiet)
-        pending, t0 = [], time.perf_counter()
-        for step in range(start, total):
-            batch = self._place(lambda rows: self.batches.get(step, rows), batch_shape.shape)
-            state, m = step_fn(state, batch)
-            pending.append(m)
-            done = step + 1
-            evaluate_now = done == total or _every(done, tc.eval_every)
-            save_now = done == total or _every(done, tc.checkpoint_every)
-            if evaluate_now or save_now or _every(done, tc.log_every):
-                pending = jax.device_get(pending)  # the only host sync: once per log interval
-                self._log(state, pending, done, time.perf_counter() - t0, bar, evaluate_now)
-                if save_now:
-                    self._checkpoint(state, done)
+        pending, t0, step = [], time.perf_counter(), start
+        while step < total:
+            k = tc.steps_per_call if self._next_sync(step) - step >= tc.steps_per_call else 1
+            shape = (tc.batch_size, tc.seq_len + 1) if k == 1 else (k, tc.batch_size, tc.seq_len + 1)
+            if k not in compiled:  # ahead of time, so that tokens/s never includes compiling
+                t_compile = time.perf_counter()
+                compiled[k] = make_step(k).lower(state, jax.ShapeDtypeStruct(shape, jnp.int32)).compile()
+                self.seconds["compile"] += time.perf_counter() - t_compile
+                t0 += time.perf_counter() - t_compile
+            state, m = compiled[k](state, self._place(lambda rows: self._read(step, k, rows), shape))
+            pending.append((k, m))
+            step += k
+            if step == self._next_sync(step - 1):
+                pending = _per_step(jax.device_get(pending))  # the only host sync
+                self.seconds["training"] += time.perf_counter() - t0
+                self._log(state, pending, step, time.perf_counter() - t0, bar,
+                          step == total or _every(step, tc.eval_every))
+                if step == total or _every(step, tc.checkpoint_every):
+                    self._checkpoint(state, step)
                 pending, t0 = [], time.perf_counter()  # evaluating and saving are not training
         bar.close()
         return state
 
-    def _place(self, read_rows, shape: tuple[int, int]) -> jax.Array:
-        """A [batch, seq_len + 1] batch on the devices: whole, or split over the mesh with
-        each host reading only its own rows (``read_rows(rows)``)."""
+    def _next_sync(self, step: int) -> int:
+        """The first step after ``step`` that logs, evaluates, checkpoints or ends the run."""
+        tc = self.tc
+        ahead = [-(-(step + 1) // n) * n for n in (tc.log_every, tc.eval_every, tc.checkpoint_every)
+                 if n > 0]
+        return min([tc.total_steps, *ahead])
+
+    def _read(self, step: int, k: int, rows) -> np.ndarray:
+        """Batch ``step`` ([B, T+1]), or with k > 1 the block of batches step..step+k-1."""
+        if k == 1:
+            return self.batches.get(step, rows)
+        return np.stack([self.batches.get(s, rows) for s in range(step, step + k)])
+
+    def _place(self, read_rows, shape: tuple[int, ...]) -> jax.Array:
+        """A batch (or block of batches) on the devices: whole, or split over the mesh along
+        its batch rows, each host reading only its own rows (``read_rows(rows)``)."""
         if self.batch_sharding is None:
             return jnp.asarray(read_rows(slice(None)))
-        return sharding.place_batch(read_rows, shape, self.batch_sharding)
+        if len(shape) == 2:
+            return sharding.place_batch(read_rows, shape, self.batch_sharding)
+        block = NamedSharding(self.batch_sharding.mesh, P(None, *self.batch_sharding.spec))
+        return sharding.place_batch(read_rows, shape, block, batch_axis=1)
 
     def _log(self, state, pending, done, elapsed, bar, evaluate_now: bool):
         got = pending  # already on the host: read after the interval's steps finished
@@ -262,10 +305,12 @@ class _Loop:
                         for k in ("aux_loss", "router_z_loss", "dropped_fraction")},
                        expert_load=(sum(m["expert_load"] for m in got) / len(got)).tolist())
         if evaluate_now:
+            t0 = time.perf_counter()
             ev = evaluate(nnx.merge(self.graphdef, state["params"]), self.val_ds, tc.seq_len,
                           tc.batch_size, tc.eval_batches,
                           put=lambda b: self._place(lambda rows: b[rows], b.shape))
             row.update(val_loss=ev["loss"], val_bits_per_byte=ev["bits_per_byte"])
+            self.seconds["evaluation"] += time.perf_counter() - t0
         self.metrics.append(row)
         if self.run_dir is not None and jax.process_index() == 0:  # one writer per run
             with open(self.run_dir / "metrics.jsonl", "a") as f:
@@ -286,7 +331,16 @@ class _Loop:
         if self.ckpt is None:
             return
         self._check_finite(state)  # never save a state that has seen a NaN
+        t0 = time.perf_counter()
         self.ckpt.save(done, state, dict(step=done, tokens=done * self.tc.batch_size * self.tc.seq_len))
+        self.seconds["checkpoint"] += time.perf_counter() - t0
+
+
+def _per_step(calls: list[tuple[int, dict]]) -> list[dict]:
+    """Host copies of (steps, metrics) per call as one dict per optimizer step: a block's
+    metrics are stacked [k] and are unstacked here."""
+    return [m if k == 1 else {name: value[i] for name, value in m.items()}
+            for k, m in calls for i in range(k)]
 
 
 def _every(done: int, interval: int) -> bool:

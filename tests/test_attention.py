@@ -2,7 +2,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from palmlite.attention import alibi_bias, alibi_slopes, apply_rope, relative_bucket
+from palmlite.attention import (alibi_bias, alibi_slopes, apply_rope, padding_mask,
+                                relative_bucket)
 
 
 def test_rope_dot_product_depends_only_on_the_offset():
@@ -44,3 +45,13 @@ def test_alibi_slopes_follow_press_et_al():
     bias = alibi_bias(pos, pos, 8)
     assert bias.shape == (1, 8, 4, 4)
     np.testing.assert_allclose(bias[0, 0, 3], [-1.5, -1.0, -0.5, 0.0])
+
+
+def test_padding_mask_hides_padding_keys_from_real_queries_only():
+    """Two padding slots, then three tokens: on top of the causal mask, real queries see
+    only real keys, and each padding query still sees a key (no empty softmax row)."""
+    pos_1xT = jnp.array([[-2, -1, 0, 1, 2]])
+    visible_TxS = np.asarray(padding_mask(pos_1xT)[0, 0] & np.tril(np.ones((5, 5), bool)))
+    np.testing.assert_array_equal(visible_TxS[2:, :2], False)  # real query, padding key
+    np.testing.assert_array_equal(visible_TxS[2:, 2:], np.tril(np.ones((3, 3), bool)))
+    assert visible_TxS.any(axis=1).all()

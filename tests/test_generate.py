@@ -6,6 +6,7 @@ from flax import nnx
 
 from palmlite import ModelConfig, Transformer, kv_cache_bytes_per_token
 from palmlite.attention import init_cache
+from palmlite.config import BLOCKS, POSITIONS
 from palmlite.generate import generate, generate_tokens, sample
 from palmlite.tokenizer import ByteTokenizer
 
@@ -18,8 +19,8 @@ def build(seed=0, **changes):
 
 
 # Each position scheme once; every n_kv_heads (MQA, GQA, MHA) and block type at least twice.
-SCHEMES = [("rope", 1, "parallel"), ("learned", 2, "serial"), ("sinusoidal", 4, "parallel"),
-           ("relative", 1, "serial"), ("alibi", 2, "parallel"), ("none", 4, "serial")]
+SCHEMES = [(position, (1, 2, 4)[i % 3], BLOCKS[i % len(BLOCKS)])
+           for i, position in enumerate(POSITIONS)]
 
 
 @pytest.mark.parametrize("position,n_kv_heads,block", SCHEMES)

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from palmlite import ModelConfig, Transformer, cross_entropy_and_z_loss
-from palmlite.config import ACTIVATIONS, BLOCKS, NORMS, POSITIONS
+from palmlite.config import ABSOLUTE_POSITIONS, ACTIVATIONS, BLOCKS, NORMS, POSITIONS, REMATS
 
 SMALL = dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
              max_seq_len=16)
@@ -114,7 +114,7 @@ def test_grouped_and_multi_query_equal_mha_with_tied_kv_heads(n_kv_heads, positi
     np.testing.assert_allclose(gqa(x), mha(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("position", ["rope", "relative", "alibi", "none"])
+@pytest.mark.parametrize("position", [p for p in POSITIONS if p not in ABSOLUTE_POSITIONS])
 def test_relative_schemes_are_invariant_to_a_shift_of_all_positions(position):
     """RoPE, relative bias and ALiBi see only offsets: shifting every position changes nothing."""
     model = build(position=position, max_seq_len=64)
@@ -123,7 +123,23 @@ def test_relative_schemes_are_invariant_to_a_shift_of_all_positions(position):
     np.testing.assert_allclose(model(x, pos + 37), model(x, pos), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("position", ["learned", "sinusoidal"])
+@pytest.mark.parametrize("position", POSITIONS)
+def test_left_padding_leaves_the_real_tokens_logits_unchanged(position):
+    """Without a cache too, a negative position is padding that no real query attends to:
+    each left-padded row gives its real tokens the logits of the row alone, and the padding
+    queries, which see no real key, stay finite."""
+    model = build(position=position)
+    x_BxT = tokens(shape=(3, 8))  # random padding tokens: attending to them would show
+    pad_B = jnp.array([0, 3, 7])  # row 0 unpadded, row 2 a single real token
+    positions_BxT = jnp.arange(8)[None, :] - pad_B[:, None]  # -pad .. -1, then 0, 1, ...
+    padded_BxTxV = model(x_BxT, positions_BxT)
+    assert bool(jnp.all(jnp.isfinite(padded_BxTxV)))
+    for b, pad in enumerate(pad_B.tolist()):
+        alone_1xTxV = model(x_BxT[b:b + 1, pad:])
+        np.testing.assert_allclose(padded_BxTxV[b, pad:], alone_1xTxV[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("position", ABSOLUTE_POSITIONS)
 def test_absolute_schemes_depend_on_absolute_position(position):
     model = build(position=position, max_seq_len=64)
     x = tokens()
@@ -153,7 +169,7 @@ def test_jit_compiles_once_per_shape():
     assert len(traces) == 1
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.parametrize("remat", [r for r in REMATS if r != "none"])
 def test_rematerialisation_changes_memory_not_gradients(remat):
     """jax.checkpoint recomputes the block in the backward: same loss, same gradients."""
     def loss_and_grads(model):

@@ -105,6 +105,7 @@ def test_figures_are_drawn_from_rows_with_a_provenance_caption(tmp_path):
     study = load_study(spec)
     rows = [dict(point=study.key(p), status="ok", params=p, metrics=dict(
         val_bits_per_byte=1.0 + 0.1 * (p["block"] == "b") + 0.01 * p["seed"],
+        val_loss=2.0 + 0.1 * (p["block"] == "b") + 0.01 * p["seed"],
         device={"kind": "cpu"}, corpus={"name": "pystdlib", "fingerprint": "abcdef1234567"},
         history=[{"tokens": 100, "val_loss": 3.0}, {"tokens": 200, "val_loss": 2.5}]))
         for p in study.points()]
@@ -160,7 +161,7 @@ def test_figures_are_redrawn_from_results_alone(tmp_path):
         for x in (1, 2):
             write_result(tmp_path / f"studies/results/{name}.jsonl", dict(
                 point=f"x={x}", status="ok", params={"x": x, "y": 1, "seed": 0},
-                metrics={"val_bits_per_byte": 1.0 + x}))
+                metrics={"val_bits_per_byte": 1.0 + x, "val_loss": 2.0 + x}))
     files = draw_figures(spec, root=tmp_path)
     assert sorted(f.name for f in files) == ["first.png", "first.svg"]
 
@@ -217,3 +218,36 @@ def test_every_shipped_study_sets_only_parameters_its_notebook_has(spec):
         names = {line.split("=")[0].strip() for line in cell.source.splitlines() if "=" in line}
         unknown = {k for p in study.points() for k in p} - names
         assert not unknown, f"{spec.name}: {study.name} sets {sorted(unknown)} unknown to {study.notebook.name}"
+
+
+@pytest.mark.slow
+def test_an_isoflop_sweep_through_papermill_hits_the_compilation_cache(tmp_path, monkeypatch):
+    """Notebook 04 at one FLOP budget, two sizes x two seeds, from an empty cache: the
+    budget picks each model and its tokens; a size's second seed loads its compiled train
+    step from the persistent cache (counted in the results, not timed); each point reports
+    its training and other seconds; the IsoFLOP figure draws from the results."""
+    monkeypatch.setenv("PALMLITE_CACHE", str(tmp_path / "cache"))
+    notebook = Path(__file__).parent.parent / "notebooks" / "04_ablation.ipynb"
+    spec = tmp_path / "iso.yaml"
+    spec.write_text(f"""
+name: iso
+notebook: {notebook}
+parameters: {{flops_budget: 1.0e+9, tokenizer: bytes, batch_size: 4, seq_len: 32}}
+grid:
+  product: {{size_index: [-2, 2]}}
+seeds: [0, 1]
+figures: {{isoflop: iso}}
+""")
+    assert run_study(spec, root=tmp_path) == 0
+    rows = {r["point"]: r for r in read_results(tmp_path / "studies/results/iso.jsonl")}
+    small, large = rows["seed=0,size_index=-2"], rows["seed=0,size_index=2"]
+    assert small["metrics"]["params"] < large["metrics"]["params"]
+    assert small["metrics"]["tokens"] > large["metrics"]["tokens"]  # same budget: fewer tokens
+    for r in rows.values():
+        C = 6 * r["metrics"]["params"] * r["metrics"]["tokens"]
+        assert C == pytest.approx(1e9, rel=0.1)  # tokens rounded to whole batches
+        assert r["seconds_training"] > 0 and r["seconds_other"] > 0
+        assert r["seconds_training"] + r["seconds_other"] == pytest.approx(r["duration_s"])
+    first, second = rows["seed=0,size_index=-2"], rows["seed=1,size_index=-2"]
+    assert first["metrics"]["compilation_cache"]["hits"] < second["metrics"]["compilation_cache"]["hits"]
+    assert (tmp_path / "figures" / "iso.png").exists()

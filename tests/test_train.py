@@ -197,3 +197,58 @@ def test_mesh_is_checked_before_the_run_directory_is_touched(corpus, tmp_path):
     with pytest.raises(ValueError, match="needs 4 devices but 1 are available"):
         train(MODEL, config(corpus, mesh="data=2,tensor=2"), out=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_model_dtype_that_disagrees_with_the_precision_raises_before_any_work(tmp_path):
+    """train() used to replace ModelConfig.dtype='bfloat16' by the precision's float32
+    silently; now it names both fields, before it even looks for the corpus."""
+    missing = config(str(tmp_path / "no-such-corpus"))
+    with pytest.raises(ValueError, match=r"ModelConfig\.dtype='bfloat16' disagrees with "
+                                         r"TrainConfig\.precision='float32'"):
+        train(MODEL.replace(dtype="bfloat16"), missing)
+    with pytest.raises(Exception, match="no-such-corpus"):  # agreeing dtypes get that far
+        train(MODEL.replace(dtype="bfloat16"), missing.replace(precision="bf16"))
+
+
+# ---- several optimizer steps per compiled call ----------------------------------------------
+@pytest.mark.parametrize("steps_per_call", [4, 7])
+def test_blocks_of_steps_give_the_one_step_parameters_and_metrics(corpus, steps_per_call):
+    """A lax.scan over a block of batches is the same training as one step per call: with
+    k=4 every sync falls between blocks; with k=7 the loop mixes blocks and single steps
+    (40 steps, syncs every 10: 7 + 3 singles, ...)."""
+    one = train(MODEL, config(corpus, steps_per_call=1))
+    many = train(MODEL, config(corpus, steps_per_call=steps_per_call))
+    for a, b in zip(params(one.model), params(many.model)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    keys = ("step", "tokens", "loss", "z_loss", "grad_norm", "lr", "val_loss")
+    for m1, mk in zip(one.metrics, many.metrics, strict=True):
+        assert m1.keys() == mk.keys()
+        for key in set(keys) & m1.keys():
+            assert m1[key] == pytest.approx(mk[key], rel=1e-5), key
+
+
+def test_a_resumed_run_may_change_steps_per_call(corpus, tmp_path, monkeypatch):
+    whole = train(MODEL, config(corpus, steps_per_call=1))
+    get = Batches.get
+
+    def killed_at_30(self, step, rows=slice(None)):  # in the block of steps 30..39
+        if step == 30:
+            raise KeyboardInterrupt
+        return get(self, step, rows)
+
+    monkeypatch.setattr(Batches, "get", killed_at_30)
+    with pytest.raises(KeyboardInterrupt):
+        train(MODEL, config(corpus, steps_per_call=10), out=tmp_path / "run")
+    monkeypatch.setattr(Batches, "get", get)
+    resumed = train(MODEL, config(corpus, steps_per_call=3), out=tmp_path / "run", resume=True)
+    for a, b in zip(params(whole.model), params(resumed.model)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_the_summary_splits_the_time_and_counts_compilations(corpus):
+    summary = train(MODEL, config(corpus)).summary()
+    assert set(summary["seconds"]) == {"setup", "compile", "training", "evaluation", "checkpoint"}
+    assert summary["seconds_training"] == pytest.approx(summary["seconds"]["training"], abs=1e-3)
+    assert summary["seconds_training"] > 0
+    assert set(summary["compilation_cache"]) == {"requests", "hits"}
+    assert summary["compilation_cache"]["requests"] >= 1  # the persistent cache is on

@@ -18,29 +18,67 @@ from pathlib import Path
 # palmlite.studies keeps its inline plots (matplotlib.use("Agg") here turned them off).
 from matplotlib.figure import Figure
 
+from palmlite.studies import compare
+
 
 def ablation(rows: list[dict], fig, varied: list[str]) -> None:
-    """Final validation bits per byte per setting (mean over seeds, bars = min..max).
+    """PaLM §2 ablations: each setting's final validation loss minus the baseline's, with
+    its 90% interval over seeds (paired by seed), as a dot plot around a zero line.
 
     A setting is labelled by how it departs from the most common value of each varied
-    parameter (the baseline), so a one-change-at-a-time ablation reads "block=serial"."""
+    parameter (the baseline), so a one-change-at-a-time ablation reads "block=serial".
+    When the study also varies ``lr``, each setting is shown at its own best learning rate
+    (lowest mean final loss over seeds), so no choice is judged at a rate tuned for another.
+    """
+    best = _best_lr_settings(rows, varied)
+    base_label = "baseline" if "baseline" in best else min(best, key=lambda k: _mean(best[k][1]))
+    base = best[base_label][1]
+    others = sorted((k for k in best if k != base_label), key=lambda k: _mean(best[k][1]))
     ax = fig.subplots()
-    keys = [k for k in varied if k != "seed"]
+    fig.set_size_inches(8, 1.6 + 0.45 * max(len(others), 1))
+    diffs = {k: compare.difference(best[k][1], base) for k in others}
+    for y, k in enumerate(others):
+        d = diffs[k]
+        if d.low is not None:
+            ax.errorbar([d.diff], [y], xerr=[[d.diff - d.low], [d.high - d.diff]], fmt="o",
+                        color="tab:red" if d.resolved and d.diff > 0 else
+                        "tab:green" if d.resolved else "tab:gray", capsize=3)
+        shared = sorted(set(best[k][1]) & set(base))
+        ax.plot([best[k][1][s] - base[s] for s in shared], [y] * len(shared), "k.", ms=3, alpha=0.5)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(others)), [k + _lr_text(best[k][0]) for k in others], fontsize=8)
+    ax.set_xlabel(f"final validation loss minus the baseline's (nats/token; {compare.LEVEL:.0%} "
+                  "interval over seeds, dots: single seeds; right is worse)")
+    std = compare.seed_std([v for _, v in best.values()])
+    lines = [f"Ablation from the baseline ({base_label}{_lr_text(best[base_label][0], ',')}: "
+             f"{_mean(base):.3f} nats), {len(base)} seed(s); "
+             + ("seed std unknown" if std is None else f"seed std {std:.3f} nats")]
+    lines += [f"{k}: {d.text()}" + (" resolved" if d.resolved else "") for k, d in diffs.items()]
+    ax.set_title("\n".join(lines), fontsize=7, loc="left")
+
+
+def _best_lr_settings(rows: list[dict], varied: list[str]) -> dict[str, tuple[float, dict]]:
+    """{setting label: (its best lr, {seed: final val loss at that lr})}."""
+    keys = [k for k in varied if k not in ("seed", "lr")]
     common = {k: statistics.mode(str(r["params"][k]) for r in rows) for k in keys}
-    groups = defaultdict(list)
+    runs = defaultdict(lambda: defaultdict(dict))  # label -> lr -> seed -> loss
     for r in rows:
         label = ", ".join(f"{k}={r['params'][k]}" for k in keys if str(r["params"][k]) != common[k])
-        groups[label or "baseline"].append(r["metrics"]["val_bits_per_byte"])
-    labels = sorted(groups, key=lambda k: statistics.mean(groups[k]))
-    means = [statistics.mean(groups[k]) for k in labels]
-    errors = [[m - min(groups[k]) for k, m in zip(labels, means)],
-              [max(groups[k]) - m for k, m in zip(labels, means)]]
-    ax.barh(labels, means, xerr=errors, color="tab:blue", alpha=0.8, capsize=3)
-    ax.set_xlim(min(means) * 0.97, max(max(v) for v in groups.values()) * 1.01)
-    ax.set_xlabel("validation bits per byte (lower is better)")
-    baseline = ", ".join(f"{k}={v}" for k, v in common.items())
-    ax.set_title(f"Ablation: {len(rows)} runs, {len({r['params'].get('seed') for r in rows})} "
-                 f"seed(s); baseline {baseline}", fontsize=8)
+        lr = r["params"].get("lr", r["metrics"].get("train", {}).get("lr"))
+        runs[label or "baseline"][lr][r["params"].get("seed", 0)] = r["metrics"]["val_loss"]
+    return {label: min(by_lr.items(), key=lambda item: _mean(item[1]))
+            for label, by_lr in runs.items()}
+
+
+def _lr_text(lr, sep: str = " (") -> str:
+    """" (lr 0.003)" / ", lr 0.003", or nothing when the rows do not record a rate."""
+    if lr is None:
+        return ""
+    return f" (lr {lr:g})" if sep == " (" else f"{sep} lr {lr:g}"
+
+
+def _mean(by_seed: dict) -> float:
+    return statistics.mean(by_seed.values())
 
 
 def loss_curves(rows: list[dict], fig, varied: list[str]) -> None:
@@ -157,6 +195,87 @@ def _moe_verdict(groups: dict[str, list[dict]]) -> str:
         ("\n".join(lines) or "no MoE with a dense twin among the runs")
 
 
+def expert_sweep(rows: list[dict], fig, varied: list[str]) -> None:
+    """Switch §3 / Fig. 4: final loss against the number of experts at equal active FLOPs
+    (E = 1 is the dense model), and loss against tokens with the speed-up to reach the
+    dense model's final loss (Switch's "time to quality" at equal FLOPs per token).
+
+    Rows are notebook 06's (``metrics.runs``, one model each); runs are grouped by expert
+    count, and the dense model is compared seed by seed with each MoE.
+    """
+    by_e = defaultdict(list)
+    for run in (run for r in rows for run in r["metrics"]["runs"]):
+        by_e[_n_experts(run)].append(run)
+    fig.set_size_inches(12, 4.8)
+    ax_e, ax_t = fig.subplots(1, 2)
+    finals = {e: {run["seed"]: run["val_loss"] for run in runs} for e, runs in sorted(by_e.items())}
+    for e, by_seed in finals.items():
+        ax_e.plot([e] * len(by_seed), list(by_seed.values()), "k.", ms=4, alpha=0.5)
+    means = [_mean(v) for v in finals.values()]
+    ax_e.plot(list(finals), means, "o-", color="tab:blue", label="mean over seeds")
+    ax_e.set_xscale("log", base=2)
+    ax_e.set_xticks(list(finals), [str(e) for e in finals])
+    ax_e.set_xlabel("experts E (1 = dense; equal active FLOPs per token)")
+    ax_e.set_ylabel("final validation loss (nats/token)")
+    dense_final = _mean(finals[1]) if 1 in finals else None
+    speedups = _loss_vs_tokens(ax_t, by_e, dense_final)
+    ax_e.legend(fontsize=7)
+    fig.suptitle(_expert_verdict(finals, speedups), fontsize=8)
+
+
+def _n_experts(run: dict) -> int:
+    moe = run["model"]["moe"]
+    return 1 if moe is None else moe["n_experts"]
+
+
+def _loss_vs_tokens(ax, by_e: dict, dense_final: float | None) -> dict[int, float]:
+    """Mean validation loss against tokens per expert count; marks where each MoE first
+    reaches the dense model's final loss. Returns {E: dense tokens / MoE tokens}."""
+    speedups = {}
+    for i, (e, runs) in enumerate(sorted(by_e.items())):
+        tokens, mean, low, high = _seed_band(runs, "val_loss")
+        ax.plot(tokens, mean, color=f"C{i}", ls="--" if e == 1 else "-", marker="o", ms=2,
+                label="dense" if e == 1 else f"{e} experts")
+        ax.fill_between(tokens, low, high, color=f"C{i}", alpha=0.15)
+        if e != 1 and dense_final is not None:
+            reach = _first_crossing(tokens, mean, dense_final)
+            if reach is not None:
+                speedups[e] = tokens[-1] / reach
+                ax.plot([reach], [dense_final], "v", color=f"C{i}", ms=8)
+    if dense_final is not None:
+        ax.axhline(dense_final, color="gray", ls=":", lw=0.8, label="dense final loss")
+    ax.set_xlabel("tokens seen"); ax.set_ylabel("validation loss (nats/token, mean over seeds)")
+    ax.legend(fontsize=7)
+    return speedups
+
+
+def _first_crossing(tokens: list, values: list, level: float) -> float | None:
+    """The first token count (linearly interpolated) where ``values`` reaches ``level``."""
+    for (t0, v0), (t1, v1) in zip(zip(tokens, values), zip(tokens[1:], values[1:])):
+        if v0 > level >= v1:
+            return t0 + (t1 - t0) * (v0 - level) / (v0 - v1)
+    return tokens[0] if values and values[0] <= level else None
+
+
+def _expert_verdict(finals: dict[int, dict], speedups: dict[int, float]) -> str:
+    """The title: each MoE minus dense with its interval, the speed-up, and the resolution
+    against the ~0.05 nats small-scale effect of Switch-style MoE."""
+    if 1 not in finals:
+        return "No dense run (E = 1) to compare with"
+    lines = []
+    for e, by_seed in finals.items():
+        if e == 1:
+            continue
+        d = compare.difference(by_seed, finals[1])
+        speed = f", reaches dense's final loss {speedups[e]:.2f}× sooner" if e in speedups else \
+            ", never reaches dense's final loss"
+        lines.append(f"E={e}: {d.text()} vs dense{speed}")
+    std = compare.seed_std(list(finals.values()))
+    lines.append(compare.resolution(std, compare.SWITCH_SMALL_SCALE_EFFECT,
+                                    "Switch-style MoE at small scale: ~0.05 nats"))
+    return "Final validation loss, MoE minus dense at equal active FLOPs, in these runs:\n" + \
+        "\n".join(lines)
+
 def scaling(rows: list[dict], fig, varied: list[str]) -> None:
     """Kaplan §3, Chinchilla §3: validation loss against non-embedding parameters, with
     the law E + A/N^α fitted at each token budget, and against training compute 6ND."""
@@ -233,8 +352,143 @@ def _scaling_verdict(stats: dict, fits: dict) -> str:
             "unlike in Kaplan et al. and Chinchilla")
 
 
+def isoflop(rows: list[dict], fig, varied: list[str]) -> None:
+    """Chinchilla §3.2, Approach 2 (IsoFLOP profiles), N the total parameters (Pearce & Song
+    2024). Rows: params ``flops_budget``, ``size_index``, ``seed``; metrics a TrainResult
+    summary. Left: final validation loss against N per budget (mean over seeds, bars
+    min..max), the parabola in ln N fitted to each and its minimum (a hollow star when the
+    budget is flagged: ``palmlite.scaling.ISOFLOP_FLAGS``). Right: N_opt against C, the fit
+    N_opt ∝ C^a with its bootstrap band, Chinchilla's and Kaplan's exponents through the
+    same centre, and Approach 3's exponent in the legend. The title says what a's interval
+    shows, or what is missing for one."""
+    import numpy as np
+    from palmlite.scaling import fit_isoflop, isoflop_parabolas, sweep_points
+    points = sweep_points(rows, count="total")
+    fig.set_size_inches(12, 5)
+    ax_n, ax_c = fig.subplots(1, 2)
+    if "budget" not in points or not np.isfinite(points["budget"]).any():
+        fig.suptitle("IsoFLOP profiles: no run has a flops_budget parameter, so there are no "
+                     "budgets to compare", fontsize=9)
+        return
+    points = {k: v[np.isfinite(points["budget"])] for k, v in points.items()}
+    budgets = isoflop_parabolas(points)
+    try:
+        fit, missing = fit_isoflop(points), None
+    except ValueError as e:  # too few budgets locate a minimum: the title says which, and why
+        fit, missing = None, str(e)
+    _isoflop_profiles(ax_n, points, budgets)
+    _isoflop_frontier(ax_c, budgets, fit, _approach3(points))
+    fig.suptitle(_isoflop_verdict(budgets, fit, missing), fontsize=9)
+
+
+def _isoflop_profiles(ax, points: dict, budgets: list[dict]) -> None:
+    """Left panel: one colour per budget, runs averaged over seeds, parabola and minimum."""
+    import numpy as np
+    from matplotlib import colormaps
+    from palmlite.scaling import ISOFLOP_FLAGS
+    for b, color in zip(budgets, colormaps["viridis"](np.linspace(0, 0.85, len(budgets)))):
+        at = points["budget"] == b["C"]
+        sizes = np.unique(points["N"][at])
+        losses = [points["loss"][at & (points["N"] == n)] for n in sizes]
+        mean = np.array([v.mean() for v in losses])
+        err = [mean - [v.min() for v in losses], [v.max() for v in losses] - mean]
+        flags = ", ".join(ISOFLOP_FLAGS[f] for f in b["flags"])
+        ax.errorbar(sizes, mean, yerr=err, fmt="o", ms=4, capsize=3, color=color,
+                    label=f"C = {b['C']:.2g}" + (f": {flags}" if flags else ""))
+        if b["coef"] is not None:
+            x = np.linspace(np.log(sizes[0]), np.log(sizes[-1]), 100)
+            ax.plot(np.exp(x), np.polyval(b["coef"], x), color=color, lw=1)
+        outside = {"vertex_below_range", "vertex_above_range"} & set(b["flags"])
+        if np.isfinite(b["N_opt"]) and not outside:  # an extrapolated minimum is not drawn
+            ax.plot(b["N_opt"], b["min_loss"], "*", ms=12, color=color,
+                    mfc=color if b["used"] else "none")
+    ax.set_xscale("log")
+    ax.set_xlabel("N: total parameters (Chinchilla; Pearce & Song 2024)")
+    ax.set_ylabel("final validation loss (nats/token)")
+    ax.legend(fontsize=7, title="budget C (FLOPs): parabola in ln N, ★ its minimum",
+              title_fontsize=7)
+    ax.set_title("IsoFLOP profiles: each budget split between N and D = C/(6N)", fontsize=9)
+
+
+def _isoflop_frontier(ax, budgets: list[dict], fit: dict | None, approach3: str) -> None:
+    """Right panel: N_opt per budget, the fitted power law and its band, the papers' lines."""
+    import numpy as np
+    from palmlite.scaling import CHINCHILLA_A_APPROACH2, KAPLAN_A
+    used = [b for b in budgets if b["used"]]
+    ax.plot([b["C"] for b in used], [b["N_opt"] for b in used], "ko",
+            label="N_opt: parabola minimum")
+    for flag, marker, edge in (("vertex_below_range", "v", 0), ("vertex_above_range", "^", 1)):
+        out = [b for b in budgets if flag in b["flags"]]
+        if out:  # an extrapolated minimum: drawn as a bound at the edge of the sampled sizes
+            ax.plot([b["C"] for b in out], [b["N_range"][edge] for b in out], marker,
+                    color="gray", mfc="none", label=f"N_opt {'below' if edge == 0 else 'above'}"
+                    " the sampled sizes (not fitted)")
+    if fit is not None:
+        C = np.geomspace(min(b["C"] for b in used) / 2, max(b["C"] for b in used) * 2, 50)
+        lines = fit["samples"][:, :1] * np.log(C) + fit["samples"][:, 1:]
+        tail = 50 * (1 - fit["level"])
+        low, high = np.exp(np.percentile(lines, [tail, 100 - tail], axis=0))
+        ax.fill_between(C, low, high, color="tab:blue", alpha=0.2)
+        (a_low, a_high), pct = fit["a_interval"], f"{fit['level']:.0%}"
+        ax.plot(C, np.exp(fit["log_k"]) * C ** fit["a"], color="tab:blue", label=(
+            f"fit: a = {fit['a']:.2f} [{a_low:.2f}, {a_high:.2f}] ({pct} bootstrap, band); "
+            f"D_opt ∝ C^{fit['b']:.2f}"))
+        x0 = np.mean(np.log([b["C"] for b in used]))
+        y0 = np.mean(np.log([b["N_opt"] for b in used]))
+        for a, style, who in ((CHINCHILLA_A_APPROACH2, "--", "Chinchilla (Approach 2)"),
+                              (KAPLAN_A, ":", "Kaplan et al.")):
+            ax.plot(C, np.exp(y0 + a * (np.log(C) - x0)), style, color="gray",
+                    label=f"{who}: a = {a:g}")
+    ax.plot([], [], " ", label=approach3)
+    if any(line.get_xydata().size for line in ax.lines):  # a log axis needs data
+        ax.set_xscale("log"); ax.set_yscale("log")
+    ax.set_xlabel("compute budget C = 6·N·D (FLOPs)"); ax.set_ylabel("N_opt (total parameters)")
+    ax.legend(fontsize=7)
+    ax.set_title("Compute-optimal size against budget", fontsize=9)
+
+
+def _approach3(points: dict) -> str:
+    """Chinchilla Approach 3 on the same runs: L(N, D) fitted (total N, D tokens trained) and
+    its N_opt exponent β/(α+β) via compute_optimal; or why it could not be had."""
+    import numpy as np
+    from palmlite.scaling import CHINCHILLA_A_APPROACH3, compute_optimal, fit_chinchilla
+    try:
+        law = fit_chinchilla(points["N"], points["D"], points["loss"])
+        C = np.median(points["C"]) * np.array([1.0, 10.0])  # any two budgets: a power law
+        N_opt, _ = compute_optimal(law, C)
+    except ValueError as e:  # too few runs, or an exponent <= 0: no optimum to speak of
+        return f"Approach 3 (fit of L(N, D)): none, {e}"[:110]
+    a = np.log(N_opt[1] / N_opt[0]) / np.log(10.0)
+    return (f"Approach 3 (fit of L(N, D), same runs): a = {a:.2f} (α = {law.alpha:.2f}, "
+            f"β = {law.beta:.2f}; Chinchilla {CHINCHILLA_A_APPROACH3:g})")
+
+
+def _isoflop_verdict(budgets: list[dict], fit: dict | None, missing: str | None) -> str:
+    """The title: a with its interval, how wide an interval must be to tell the papers
+    apart, and which of their exponents the interval contains."""
+    import textwrap
+    from palmlite.scaling import CHINCHILLA_A_APPROACH2 as chinchilla, KAPLAN_A as kaplan
+    if fit is None:
+        return textwrap.fill(f"IsoFLOP profiles (Chinchilla Approach 2): no exponent; {missing}",
+                             150)
+    (low, high), has = fit["a_interval"], lambda a: low <= a <= high
+    if has(chinchilla) and has(kaplan):
+        verdict = f"too wide to tell Chinchilla's {chinchilla:g} from Kaplan's {kaplan:g}"
+    elif has(chinchilla) or has(kaplan):
+        (yes, y), (no, n) = sorted([("Chinchilla", chinchilla), ("Kaplan", kaplan)],
+                                   key=lambda p: not has(p[1]))
+        verdict = f"consistent with {yes}'s {y:g}, excludes {no}'s {n:g}"
+    else:
+        verdict = f"excludes both Chinchilla's {chinchilla:g} and Kaplan's {kaplan:g}"
+    return (f"IsoFLOP profiles (Chinchilla Approach 2), {fit['n_budgets']} of {len(budgets)} "
+            f"budgets: N_opt ∝ C^a, a = {fit['a']:.2f} [{low:.2f}, {high:.2f}] "
+            f"({fit['level']:.0%} bootstrap; interval width {high - low:.2f}, telling "
+            f"{chinchilla:g} from {kaplan:g} needs < {kaplan - chinchilla:.2f}):\n{verdict}")
+
+
 FIGURES = {"ablation": ablation, "loss_curves": loss_curves, "moe_vs_dense": moe_vs_dense,
-           "scaling": scaling}
+           "expert_sweep": expert_sweep,
+           "scaling": scaling, "isoflop": isoflop}
 
 
 def caption(rows: list[dict]) -> str:

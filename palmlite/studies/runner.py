@@ -103,16 +103,34 @@ def _run_one(study: Study, workers: int, only: list[str], dry_run: bool, root: P
             row = _row(study, p, output)
             try:
                 row.update(status="ok", **job.result())
+                row.update(_time_split(row["metrics"], row["duration_s"]))
             except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
                 failed += 1
                 row.update(status="failed", duration_s=None, error=f"{type(e).__name__}: {e}"[:2000])
             write_result(results_path, row)
-            print(f"  {row['status']:6s} {row['point']}  ({row['duration_s'] or 0:.0f} s)")
+            print(f"  {row['status']:6s} {row['point']}  ({_time_text(row)})")
     for path in make_figures(study, read_results(results_path), root / "figures"):
         print(f"  figure {path}")
     if failed:
         print(f"study {study.name}: {failed} point(s) failed; see their notebooks in {runs_dir}")
     return failed
+
+
+def _time_split(metrics: dict, duration_s: float) -> dict:
+    """``seconds_training`` (train steps, summed over the point's runs) and ``seconds_other``
+    (kernel start, imports, data, compilation, evaluation: the rest of the point)."""
+    runs = metrics.get("runs", [metrics])
+    training = [r.get("seconds_training") for r in runs]
+    if not training or any(t is None for t in training):
+        return {}
+    return dict(seconds_training=sum(training), seconds_other=duration_s - sum(training))
+
+
+def _time_text(row: dict) -> str:
+    if "seconds_training" not in row:
+        return f"{row['duration_s'] or 0:.0f} s"
+    return (f"{row['duration_s']:.1f} s: {row['seconds_training']:.1f} training, "
+            f"{row['seconds_other']:.1f} other")
 
 
 def _check_only(studies: list[Study], only: list[str]) -> None:

@@ -1,0 +1,110 @@
+"""The ablation dot plot, the expert sweep and the statistics they state, from synthetic
+results rows (no training)."""
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+from scipy import stats
+
+from palmlite.studies import compare
+from palmlite.studies.figures import FIGURES, _first_crossing
+
+
+# ---- compare ---------------------------------------------------------------------------------
+def test_paired_difference_is_a_t_interval_on_the_seed_differences():
+    a, b = {0: 3.10, 1: 3.25, 2: 3.02}, {0: 3.00, 1: 3.14, 2: 2.95}
+    d = compare.difference(a, b)
+    diffs = [0.10, 0.11, 0.07]
+    half = stats.t.ppf(0.95, 2) * np.std(diffs, ddof=1) / np.sqrt(3)
+    assert d.paired and d.n == 3
+    assert d.diff == pytest.approx(np.mean(diffs))
+    assert (d.low, d.high) == pytest.approx((np.mean(diffs) - half, np.mean(diffs) + half))
+    assert d.resolved and "+0.093" in d.text()
+    # The same numbers unpaired (different seeds): Welch's interval, much wider.
+    w = compare.difference({10 + k: v for k, v in a.items()}, b)
+    assert not w.paired and w.diff == pytest.approx(d.diff) and w.high - w.low > d.high - d.low
+
+
+def test_one_seed_has_no_interval_and_says_so():
+    d = compare.difference({0: 3.0}, {0: 2.9})
+    assert d.low is None and not d.resolved and "noise unknown" in d.text()
+    assert compare.seed_std([{0: 1.0}, {0: 2.0}]) is None
+    assert "unknown" in compare.resolution(None, 0.05, "x")
+
+
+def test_resolution_compares_the_noise_with_a_third_of_the_effect():
+    assert compare.seed_std([{0: 1.0, 1: 1.2}, {0: 2.0, 1: 2.2}]) == pytest.approx(np.sqrt(0.02))
+    assert "not resolving" in compare.resolution(0.02, 0.05, "x")
+    assert ": resolving" in compare.resolution(0.016, 0.05, "x")
+
+
+# ---- the ablation dot plot -------------------------------------------------------------------
+def ablation_rows():
+    """A baseline and a serial variant, three seeds, each at two learning rates: the
+    baseline is best at 1e-3, the variant at 3e-3; the variant is worse by 0.1 (+ noise)."""
+    rows, noise = [], {0: 0.0, 1: 0.01, 2: -0.01}
+    for block, best_lr, offset in (("parallel", 1e-3, 0.0), ("serial", 3e-3, 0.1)):
+        for lr in (1e-3, 3e-3):
+            for seed in (0, 1, 2):
+                loss = 3.0 + offset + noise[seed] + (0.0 if lr == best_lr else 0.2) + 0.001 * seed * (block == "serial")
+                rows.append(dict(point=f"{block},{lr},{seed}", status="ok",
+                                 params=dict(block=block, lr=lr, seed=seed),
+                                 metrics=dict(val_loss=loss)))
+    # A third variant, so the baseline is the most common value of `block`.
+    for lr in (1e-3, 3e-3):
+        for seed in (0, 1, 2):
+            rows.append(dict(point=f"x{lr}{seed}", status="ok",
+                             params=dict(block="parallel", lr=lr, seed=seed, position="learned"),
+                             metrics=dict(val_loss=3.05 + noise[seed])))
+    for r in rows:
+        r["params"].setdefault("position", "rope")
+    return rows
+
+
+def test_ablation_dot_plot_compares_each_variant_at_its_best_lr_seed_by_seed():
+    fig = plt.figure()
+    FIGURES["ablation"](ablation_rows(), fig, ["block", "position", "lr", "seed"])
+    (ax,) = fig.axes
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["position=learned (lr 0.001)", "block=serial (lr 0.003)"]  # best lr each
+    dots = [line for line in ax.lines if line.get_marker() == "o"]
+    assert [line.get_xdata()[0] for line in dots] == pytest.approx([0.05, 0.101])
+    assert any(line.get_xdata()[0] == 0 for line in ax.lines if line.get_linestyle() == "-")  # zero line
+    title = ax.get_title(loc="left")
+    assert "baseline (baseline, lr 0.001: 3.000 nats), 3 seed(s)" in title
+    assert "block=serial: +0.101 nats" in title and "resolved" in title
+    plt.close(fig)
+
+
+# ---- the expert sweep ------------------------------------------------------------------------
+def moe_run(E, seed, losses):
+    model = dict(n_layers=2, d_model=64, d_ff=256,
+                 moe=None if E == 1 else dict(n_experts=E, top_k=1))
+    history = [dict(tokens=1000 * (i + 1), val_loss=v) for i, v in enumerate(losses)]
+    return dict(model=model, seed=seed, history=history, val_loss=losses[-1])
+
+
+def test_expert_sweep_draws_loss_against_experts_and_the_speedup():
+    curves = {1: [4.0, 3.0, 2.6, 2.4], 2: [4.0, 2.9, 2.5, 2.3], 4: [3.9, 2.8, 2.4, 2.2]}
+    runs = [moe_run(E, seed, [v + 0.01 * seed for v in curve])
+            for E, curve in curves.items() for seed in (0, 1, 2)]
+    rows = [dict(point=str(i), status="ok", params={}, metrics=dict(runs=[r]))
+            for i, r in enumerate(runs)]
+    fig = plt.figure()
+    FIGURES["expert_sweep"](rows, fig, ["model", "n_experts", "seed"])
+    ax_e, ax_t = fig.axes
+    (means,) = [line for line in ax_e.lines if line.get_label() == "mean over seeds"]
+    assert list(means.get_xdata()) == [1, 2, 4]
+    assert list(means.get_ydata()) == pytest.approx([2.41, 2.31, 2.21])
+    title = fig.get_suptitle()
+    assert "E=2: -0.100 nats [-0.100, -0.100]" in title and "E=4: -0.200 nats" in title
+    # Dense ends at 2.41; E=4's mean curve (…, 2.41 at 3000, 2.21 at 4000) reaches it at
+    # 3000 tokens: 4000 / 3000 = 1.33x sooner.
+    assert "E=4" in title and "1.33× sooner" in title
+    assert "seed std 0.010 nats" in title and ": resolving" in title
+    plt.close(fig)
+
+
+def test_first_crossing_interpolates():
+    assert _first_crossing([1, 2, 3], [5.0, 4.0, 3.0], 3.5) == pytest.approx(2.5)
+    assert _first_crossing([1, 2, 3], [5.0, 4.0, 3.0], 2.0) is None
