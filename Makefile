@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test study figures lab bench presets clean
+.PHONY: test study study-full figures lab bench presets clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,10 +16,16 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
-# The default study: notebooks run by papermill on the CPU on the embedded corpus; results in
-# studies/results/quick.jsonl (completed points are skipped), figures in figures/.
+# The default study: notebooks run by papermill on the CPU on the embedded corpus, two at a
+# time (one core each); results in studies/results/quick-*.jsonl (completed points are
+# skipped), figures in figures/.
 study: $(STAMP)
-	$(VENV)/bin/palmlite sweep studies/quick.yaml
+	$(VENV)/bin/palmlite sweep studies/quick.yaml --workers 2
+
+# The resolving versions (IsoFLOP over 4 budgets, experts E = 1..16, ablations at 3 learning
+# rates, 2-3 seeds): under three hours on 2 cores; resumable, so it can run in pieces.
+study-full: $(STAMP)
+	$(VENV)/bin/palmlite sweep studies/full.yaml --workers 2
 
 # Redraw the default study's figures from its committed results (no training).
 figures: $(STAMP)

@@ -441,7 +441,9 @@ def _isoflop_frontier(ax, budgets: list[dict], fit: dict | None, approach3: str)
                     label=f"{who}: a = {a:g}")
     ax.plot([], [], " ", label=approach3)
     if any(line.get_xydata().size for line in ax.lines):  # a log axis needs data
+        from matplotlib.ticker import NullFormatter
         ax.set_xscale("log"); ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # budgets within a decade: no clutter
     ax.set_xlabel("compute budget C = 6·N·D (FLOPs)"); ax.set_ylabel("N_opt (total parameters)")
     ax.legend(fontsize=7)
     ax.set_title("Compute-optimal size against budget", fontsize=9)
