@@ -229,6 +229,7 @@ class TrainConfig:
     corpus: str = "pystdlib"  # a corpus name or path (palmlite.data.load_corpus)
     tokenizer: str = "bpe:8192"  # "bytes" | "bpe:SIZE[:nosplit]" | "unigram:SIZE[:nosplit]" | a .model path
     val_fraction: float = 0.05  # share of documents held out for validation
+    split_seed: int = 0  # which documents are held out: one validation set for every training seed
     batch_size: int = 16  # sequences per step
     seq_len: int = 128  # tokens per sequence
     steps: int | None = 200  # training steps (or set `tokens` and steps=None)
@@ -244,7 +245,7 @@ class TrainConfig:
     z_loss: float = 1e-4  # PaLM §5: coefficient of log²Z
     precision: str = "float32"  # "float32" | "bf16" (bf16 compute, f32 params) | "pure_bf16"
     mesh: str | None = None  # e.g. "data=-1", "data=2,tensor=4" (palmlite.sharding); None: 1 device
-    seed: int = 0  # parameter init and data order
+    seed: int = 0  # parameter init and data order (not the validation split: split_seed)
     log_every: int = 10  # steps between metrics lines (and the only host syncs)
     steps_per_call: int = 10  # optimizer steps per compiled call (one lax.scan; single steps near a sync)
     eval_every: int = 100  # steps between validation losses (0: only at the end)
@@ -263,7 +264,7 @@ class TrainConfig:
         for name in ("batch_size", "seq_len", "log_every", "eval_batches", "keep_checkpoints",
                      "steps_per_call"):
             req(getattr(self, name) > 0, name, "a positive integer")
-        for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed", "split_seed"):
             req(getattr(self, name) >= 0, name, "an integer >= 0")
         req((self.steps is None) != (self.tokens is None), "steps",
             f"exactly one of steps and tokens to be set (tokens={self.tokens!r})")

@@ -130,35 +130,44 @@ def make_train_step(graphdef, tx, z_loss_coef: float, state_sharding=None, batch
                     steps_per_call: int = 1):
     """The jitted step: state -> state, metrics. The state is donated (updated in place).
 
-    With ``steps_per_call`` = K > 1 one call takes a block of K batches [K, B, T+1] and runs
-    K optimizer steps in a ``lax.scan``: the host dispatches once per block, which is most
-    of a tiny model's step time on a CPU. The metrics then come back stacked, [K] each.
+    With ``steps_per_call`` = K > 1 one call takes a block of K batches [K, B, T+1] and the
+    number n <= K of them to train on, and runs the steps in a ``lax.scan``: the host
+    dispatches once per block, which is most of a tiny model's step time on a CPU. Steps
+    past n leave the state as it was (a block that ends at a log step or the end of the run
+    needs no second compiled function). The metrics come back stacked, [K] each.
 
     With shardings (``palmlite.sharding``) the state keeps its layout from step to step and
     the metrics come back replicated, so every process can read them.
     """
 
-    def step_fn(state, batch_BxT1):
+    def step_fn(state, batch_BxT1, active=True):
         (loss, metrics), grads = loss_and_grads(graphdef, state["params"], batch_BxT1, z_loss_coef)
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = jax.tree.map(lambda p, u: p + u.astype(p.dtype), state["params"], updates)
         finite = jnp.isfinite(loss)
         # NaN/Inf guard: keep the old state, remember the first bad step.
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        apply = finite & active
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)
         new_state = dict(params=keep(params, state["params"]), opt=keep(opt, state["opt"]),
-                         step=state["step"] + 1,
-                         bad_step=jnp.where((state["bad_step"] < 0) & ~finite, state["step"],
-                                            state["bad_step"]))
+                         step=state["step"] + active,
+                         bad_step=jnp.where((state["bad_step"] < 0) & ~finite & active,
+                                            state["step"], state["bad_step"]))
         return new_state, dict(metrics, grad_norm=optax.tree.norm(grads))
 
-    fn = step_fn if steps_per_call == 1 else \
-        lambda state, block_KxBxT1: jax.lax.scan(step_fn, state, block_KxBxT1)
+    def block_fn(state, block_KxBxT1, n_steps):
+        active_K = jnp.arange(block_KxBxT1.shape[0]) < n_steps
+        return jax.lax.scan(lambda st, xs: step_fn(st, *xs), state, (block_KxBxT1, active_K))
+
+    fn = step_fn if steps_per_call == 1 else block_fn
     if state_sharding is None:
         return jax.jit(fn, donate_argnums=0)
     replicated = NamedSharding(batch_sharding.mesh, P())
-    if steps_per_call > 1:  # the block axis is not split: each step's batch is, as before
-        batch_sharding = NamedSharding(batch_sharding.mesh, P(None, *batch_sharding.spec))
-    return jax.jit(fn, donate_argnums=0, in_shardings=(state_sharding, batch_sharding),
+    if steps_per_call == 1:
+        return jax.jit(fn, donate_argnums=0, in_shardings=(state_sharding, batch_sharding),
+                       out_shardings=(state_sharding, replicated))
+    # The block axis is not split: each step's batch is, as before.
+    block_sharding = NamedSharding(batch_sharding.mesh, P(None, *batch_sharding.spec))
+    return jax.jit(fn, donate_argnums=0, in_shardings=(state_sharding, block_sharding, replicated),
                    out_shardings=(state_sharding, replicated))
 
 
@@ -184,7 +193,7 @@ def train(model: ModelConfig | str = "small", config: TrainConfig | None = None,
     tokenizer = get_tokenizer(tc.tokenizer, corpus)
     cfg = cfg.replace(vocab_size=tokenizer.vocab_size, max_seq_len=max(cfg.max_seq_len, tc.seq_len),
                       **dtypes)
-    split = dict(val_fraction=tc.val_fraction, seed=tc.seed)
+    split = dict(val_fraction=tc.val_fraction, seed=tc.split_seed)
     train_ds = TokenDataset(corpus, tokenizer, split="train", **split)
     val_ds = TokenDataset(corpus, tokenizer, split="validation", **split)
     batches = train_ds.batches(tc.batch_size, tc.seq_len, seed=tc.seed)
@@ -235,25 +244,25 @@ class _Loop:
         self.seconds = dict(compile=0.0, training=0.0, evaluation=0.0, checkpoint=0.0)
 
     def run(self, make_step, state, start: int):
-        """Train from step ``start`` to the end: blocks of ``steps_per_call`` steps, single
-        steps where a block would overrun the next log/eval/checkpoint step."""
-        tc, total = self.tc, self.tc.total_steps
+        """Train from step ``start`` to the end in calls of ``steps_per_call`` steps, each
+        call ending at the latest at the next log/eval/checkpoint step."""
+        tc, total, k = self.tc, self.tc.total_steps, self.tc.steps_per_call
         if self.run_dir is not None:
             self.metrics = _read_metrics(self.run_dir / "metrics.jsonl", upto=start)
-        compiled = {}  # steps per call -> executable, compiled on first use
+        shape = (tc.batch_size, tc.seq_len + 1) if k == 1 else (k, tc.batch_size, tc.seq_len + 1)
+        t0 = time.perf_counter()  # compiled ahead of time: tokens/s never includes compiling
+        args = [jax.ShapeDtypeStruct(shape, jnp.int32)] + \
+            ([] if k == 1 else [jax.ShapeDtypeStruct((), jnp.int32)])  # + steps to train
+        step_fn = make_step(k).lower(state, *args).compile()
+        self.seconds["compile"] += time.perf_counter() - t0
         bar = _progress(total, start, tc.quiet)
         pending, t0, step = [], time.perf_counter(), start
         while step < total:
-            k = tc.steps_per_call if self._next_sync(step) - step >= tc.steps_per_call else 1
-            shape = (tc.batch_size, tc.seq_len + 1) if k == 1 else (k, tc.batch_size, tc.seq_len + 1)
-            if k not in compiled:  # ahead of time, so that tokens/s never includes compiling
-                t_compile = time.perf_counter()
-                compiled[k] = make_step(k).lower(state, jax.ShapeDtypeStruct(shape, jnp.int32)).compile()
-                self.seconds["compile"] += time.perf_counter() - t_compile
-                t0 += time.perf_counter() - t_compile
-            state, m = compiled[k](state, self._place(lambda rows: self._read(step, k, rows), shape))
-            pending.append((k, m))
-            step += k
+            n = min(k, self._next_sync(step) - step)
+            batch = self._place(lambda rows: self._read(step, n, k, rows), shape)
+            state, m = step_fn(state, batch) if k == 1 else step_fn(state, batch, np.int32(n))
+            pending.append((k, n, m))
+            step += n
             if step == self._next_sync(step - 1):
                 pending = _per_step(jax.device_get(pending))  # the only host sync
                 self.seconds["training"] += time.perf_counter() - t0
@@ -272,11 +281,13 @@ class _Loop:
                  if n > 0]
         return min([tc.total_steps, *ahead])
 
-    def _read(self, step: int, k: int, rows) -> np.ndarray:
-        """Batch ``step`` ([B, T+1]), or with k > 1 the block of batches step..step+k-1."""
+    def _read(self, step: int, n: int, k: int, rows) -> np.ndarray:
+        """Batch ``step`` ([B, T+1]), or with k > 1 a block of k: batches step..step+n-1,
+        then zeros for the steps the call skips."""
         if k == 1:
             return self.batches.get(step, rows)
-        return np.stack([self.batches.get(s, rows) for s in range(step, step + k)])
+        block = np.stack([self.batches.get(s, rows) for s in range(step, step + n)])
+        return np.concatenate([block, np.zeros((k - n, *block.shape[1:]), block.dtype)])
 
     def _place(self, read_rows, shape: tuple[int, ...]) -> jax.Array:
         """A batch (or block of batches) on the devices: whole, or split over the mesh along
@@ -336,11 +347,11 @@ class _Loop:
         self.seconds["checkpoint"] += time.perf_counter() - t0
 
 
-def _per_step(calls: list[tuple[int, dict]]) -> list[dict]:
-    """Host copies of (steps, metrics) per call as one dict per optimizer step: a block's
-    metrics are stacked [k] and are unstacked here."""
+def _per_step(calls: list[tuple[int, int, dict]]) -> list[dict]:
+    """Host copies of (k, n, metrics) per call as one dict per optimizer step: a block's
+    metrics are stacked [k], of which the first n are steps that were trained."""
     return [m if k == 1 else {name: value[i] for name, value in m.items()}
-            for k, m in calls for i in range(k)]
+            for k, n, m in calls for i in range(n)]
 
 
 def _every(done: int, interval: int) -> bool:

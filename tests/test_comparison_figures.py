@@ -35,6 +35,12 @@ def test_one_seed_has_no_interval_and_says_so():
 def test_resolution_compares_the_noise_with_a_third_of_the_effect():
     assert compare.seed_std([{0: 1.0, 1: 1.2}, {0: 2.0, 1: 2.2}]) == pytest.approx(np.sqrt(0.02))
     assert "not resolving" in compare.resolution(0.02, 0.05, "x")
+    paired = compare.difference({0: 3.1, 1: 3.3}, {0: 3.0, 1: 3.1})  # d = 0.1, 0.2
+    welch = compare.difference({0: 3.1, 1: 3.3}, {5: 3.0, 6: 3.1})
+    assert paired.seed_std == pytest.approx(np.std([0.1, 0.2], ddof=1))
+    assert welch.seed_std == pytest.approx(np.sqrt(np.var([3.1, 3.3], ddof=1) + np.var([3.0, 3.1], ddof=1)))
+    assert compare.difference_noise([paired, welch]) == pytest.approx(
+        np.sqrt((paired.seed_std ** 2 + welch.seed_std ** 2) / 2))
     assert ": resolving" in compare.resolution(0.016, 0.05, "x")
 
 
@@ -101,7 +107,7 @@ def test_expert_sweep_draws_loss_against_experts_and_the_speedup():
     # Dense ends at 2.41; E=4's mean curve (…, 2.41 at 3000, 2.21 at 4000) reaches it at
     # 3000 tokens: 4000 / 3000 = 1.33x sooner.
     assert "E=4" in title and "1.33× sooner" in title
-    assert "seed std 0.010 nats" in title and ": resolving" in title
+    assert "seed noise of a difference 0.000 nats" in title and ": resolving" in title
     plt.close(fig)
 
 

@@ -30,7 +30,7 @@ class Difference:
     diff: float
     low: float | None  # None: fewer than two seeds, no interval
     high: float | None
-    seed_std: float | None  # std over seeds of the compared quantity (paired: of the differences)
+    seed_std: float | None  # std of one seed's difference (paired: of the d_s; else √(var a + var b))
     n: int
     paired: bool
 
@@ -60,8 +60,16 @@ def difference(a: dict[int, float], b: dict[int, float]) -> Difference:
     if len(va) < 2 or len(vb) < 2:
         return Difference(diff, None, None, None, min(len(va), len(vb)), False)
     ci = stats.ttest_ind(va, vb, equal_var=False).confidence_interval(LEVEL)
-    sd = math.sqrt((statistics.variance(va) + statistics.variance(vb)) / 2)
+    sd = math.sqrt(statistics.variance(va) + statistics.variance(vb))
     return Difference(diff, float(ci.low), float(ci.high), sd, min(len(va), len(vb)), False)
+
+
+def difference_noise(diffs: list[Difference]) -> float | None:
+    """The seed noise of the compared quantity: the root mean square of the differences'
+    ``seed_std`` (None when none has two seeds). This, not the spread of the losses
+    themselves, is what a comparison must beat: paired seeds cancel what they share."""
+    stds = [d.seed_std for d in diffs if d.seed_std is not None]
+    return math.sqrt(statistics.mean(s * s for s in stds)) if stds else None
 
 
 def seed_std(groups: list[dict[int, float]]) -> float | None:
@@ -77,5 +85,6 @@ def resolution(std: float | None, effect: float, what: str) -> str:
     if std is None:
         return f"seed noise unknown (one seed): cannot judge {what}"
     ok = std <= RESOLVE_FRACTION * effect
-    return (f"seed std {std:.3f} nats {'≤' if ok else '>'} {RESOLVE_FRACTION:.2g} × {effect:.2f} "
+    return (f"seed noise of a difference {std:.3f} nats {'≤' if ok else '>'} "
+            f"{RESOLVE_FRACTION:.2g} × {effect:.2f} "
             f"({what}): {'resolving' if ok else 'not resolving'}")

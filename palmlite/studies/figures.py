@@ -47,12 +47,13 @@ def ablation(rows: list[dict], fig, varied: list[str]) -> None:
         ax.plot([best[k][1][s] - base[s] for s in shared], [y] * len(shared), "k.", ms=3, alpha=0.5)
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(range(len(others)), [k + _lr_text(best[k][0]) for k in others], fontsize=8)
-    ax.set_xlabel(f"final validation loss minus the baseline's (nats/token; {compare.LEVEL:.0%} "
-                  "interval over seeds, dots: single seeds; right is worse)")
-    std = compare.seed_std([v for _, v in best.values()])
+    ax.set_xlabel(f"final validation loss minus the baseline's, nats/token (right is worse)\n"
+                  f"bars: {compare.LEVEL:.0%} interval over seeds; dots: single seeds", fontsize=8)
+    std = compare.difference_noise(list(diffs.values()))
     lines = [f"Ablation from the baseline ({base_label}{_lr_text(best[base_label][0], ',')}: "
              f"{_mean(base):.3f} nats), {len(base)} seed(s); "
-             + ("seed std unknown" if std is None else f"seed std {std:.3f} nats")]
+             + ("seed noise unknown" if std is None else
+                f"seed noise of a difference {std:.3f} nats")]
     lines += [f"{k}: {d.text()}" + (" resolved" if d.resolved else "") for k, d in diffs.items()]
     ax.set_title("\n".join(lines), fontsize=7, loc="left")
 
@@ -262,15 +263,16 @@ def _expert_verdict(finals: dict[int, dict], speedups: dict[int, float]) -> str:
     against the ~0.05 nats small-scale effect of Switch-style MoE."""
     if 1 not in finals:
         return "No dense run (E = 1) to compare with"
-    lines = []
+    lines, diffs = [], []
     for e, by_seed in finals.items():
         if e == 1:
             continue
         d = compare.difference(by_seed, finals[1])
+        diffs.append(d)
         speed = f", reaches dense's final loss {speedups[e]:.2f}× sooner" if e in speedups else \
             ", never reaches dense's final loss"
         lines.append(f"E={e}: {d.text()} vs dense{speed}")
-    std = compare.seed_std(list(finals.values()))
+    std = compare.difference_noise(diffs)
     lines.append(compare.resolution(std, compare.SWITCH_SMALL_SCALE_EFFECT,
                                     "Switch-style MoE at small scale: ~0.05 nats"))
     return "Final validation loss, MoE minus dense at equal active FLOPs, in these runs:\n" + \
