@@ -114,3 +114,39 @@ def test_expert_sweep_draws_loss_against_experts_and_the_speedup():
 def test_first_crossing_interpolates():
     assert _first_crossing([1, 2, 3], [5.0, 4.0, 3.0], 3.5) == pytest.approx(2.5)
     assert _first_crossing([1, 2, 3], [5.0, 4.0, 3.0], 2.0) is None
+
+
+def test_both_figures_draw_from_a_results_file(tmp_path):
+    """Through the files a sweep writes: results rows on disk, the study's figure names."""
+    from palmlite.studies import load_study, read_results, write_result
+    from palmlite.studies.figures import make_figures
+    spec = tmp_path / "s.yaml"
+    (tmp_path / "nb.ipynb").write_text("{}")
+    spec.write_text("name: s\nnotebook: nb.ipynb\ngrid: {product: {block: [parallel, serial]}}\n"
+                    "seeds: [0, 1, 2]\nfigures: {ablation: abl, expert_sweep: experts}\n")
+    study = load_study(spec)
+    results = tmp_path / "s.jsonl"
+    for i, r in enumerate(ablation_rows()):
+        curve = [4.0, 3.0, r["metrics"]["val_loss"]]
+        E = 1 if r["params"]["block"] == "parallel" else 4
+        r["metrics"]["runs"] = [moe_run(E, r["params"]["seed"], curve)]
+        write_result(results, dict(r, point=f"p{i}"))
+    files = make_figures(study, read_results(results), tmp_path / "figures")
+    assert sorted(f.name for f in files) == ["abl.png", "abl.svg", "experts.png", "experts.svg"]
+    assert all(f.stat().st_size > 10_000 for f in files)
+
+
+def test_ablation_draws_the_gap_along_training_when_runs_have_a_history():
+    rows = ablation_rows()
+    for r in rows:  # a gap that closes: 3x the final gap at the first evaluation
+        final = r["metrics"]["val_loss"]
+        r["metrics"]["history"] = [dict(tokens=100, val_loss=4.0 + 3 * (final - 3.0)),
+                                   dict(tokens=200, loss=3.5), dict(tokens=300, val_loss=final)]
+    fig = plt.figure()
+    FIGURES["ablation"](rows, fig, ["block", "position", "lr", "seed"])
+    ax_dots, ax_gap = fig.axes
+    serial = next(line for line in ax_gap.lines if line.get_label() == "block=serial (lr 0.003)"
+                  or line.get_label() == "block=serial")
+    assert list(serial.get_xdata()) == [100, 300]
+    assert list(serial.get_ydata()) == pytest.approx([3 * 0.101, 0.101])
+    plt.close(fig)

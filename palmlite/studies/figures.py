@@ -23,7 +23,9 @@ from palmlite.studies import compare
 
 def ablation(rows: list[dict], fig, varied: list[str]) -> None:
     """PaLM §2 ablations: each setting's final validation loss minus the baseline's, with
-    its 90% interval over seeds (paired by seed), as a dot plot around a zero line.
+    its 90% interval over seeds (paired by seed), as a dot plot around a zero line; and,
+    when the runs recorded their validation history, that difference along training
+    (a gap that closes is a difference in the speed of learning, one that stays is not).
 
     A setting is labelled by how it departs from the most common value of each varied
     parameter (the baseline), so a one-change-at-a-time ablation reads "block=serial".
@@ -31,43 +33,78 @@ def ablation(rows: list[dict], fig, varied: list[str]) -> None:
     (lowest mean final loss over seeds), so no choice is judged at a rate tuned for another.
     """
     best = _best_lr_settings(rows, varied)
-    base_label = "baseline" if "baseline" in best else min(best, key=lambda k: _mean(best[k][1]))
-    base = best[base_label][1]
-    others = sorted((k for k in best if k != base_label), key=lambda k: _mean(best[k][1]))
-    ax = fig.subplots()
-    fig.set_size_inches(8, 1.6 + 0.45 * max(len(others), 1))
-    diffs = {k: compare.difference(best[k][1], base) for k in others}
-    for y, k in enumerate(others):
-        d = diffs[k]
-        if d.low is not None:
-            ax.errorbar([d.diff], [y], xerr=[[d.diff - d.low], [d.high - d.diff]], fmt="o",
-                        color="tab:red" if d.resolved and d.diff > 0 else
-                        "tab:green" if d.resolved else "tab:gray", capsize=3)
-        shared = sorted(set(best[k][1]) & set(base))
-        ax.plot([best[k][1][s] - base[s] for s in shared], [y] * len(shared), "k.", ms=3, alpha=0.5)
-    ax.axvline(0, color="black", lw=0.8)
-    ax.set_yticks(range(len(others)), [k + _lr_text(best[k][0]) for k in others], fontsize=8)
-    ax.set_xlabel(f"final validation loss minus the baseline's, nats/token (right is worse)\n"
-                  f"bars: {compare.LEVEL:.0%} interval over seeds; dots: single seeds", fontsize=8)
+    finals = {k: {seed: r["metrics"]["val_loss"] for seed, r in by_seed.items()}
+              for k, (_, by_seed) in best.items()}
+    base_label = "baseline" if "baseline" in best else min(best, key=lambda k: _mean(finals[k]))
+    others = sorted((k for k in best if k != base_label), key=lambda k: _mean(finals[k]))
+    with_history = all("history" in r["metrics"] for _, by_seed in best.values()
+                       for r in by_seed.values())
+    fig.set_size_inches(14 if with_history else 8, max(3.6, 1.8 + 0.45 * len(others)))
+    ax, *ax_gap = fig.subplots(1, 2 if with_history else 1, squeeze=False)[0]
+    diffs = {k: compare.difference(finals[k], finals[base_label]) for k in others}
+    _difference_dots(ax, diffs, finals, base_label, [k + _lr_text(best[k][0]) for k in others])
+    if ax_gap:
+        _gap_along_training(ax_gap[0], best, base_label, others)
     std = compare.difference_noise(list(diffs.values()))
     lines = [f"Ablation from the baseline ({base_label}{_lr_text(best[base_label][0], ',')}: "
-             f"{_mean(base):.3f} nats), {len(base)} seed(s); "
+             f"{_mean(finals[base_label]):.3f} nats), {len(finals[base_label])} seed(s); "
              + ("seed noise unknown" if std is None else
                 f"seed noise of a difference {std:.3f} nats")]
     lines += [f"{k}: {d.text()}" + (" resolved" if d.resolved else "") for k, d in diffs.items()]
     ax.set_title("\n".join(lines), fontsize=7, loc="left")
 
 
+def _difference_dots(ax, diffs: dict, finals: dict, base_label: str, labels: list[str]) -> None:
+    """One row per setting: the mean difference with its interval, and each seed's."""
+    for y, (k, d) in enumerate(diffs.items()):
+        if d.low is not None:
+            ax.errorbar([d.diff], [y], xerr=[[d.diff - d.low], [d.high - d.diff]], fmt="o",
+                        color="tab:red" if d.resolved and d.diff > 0 else
+                        "tab:green" if d.resolved else "tab:gray", capsize=3)
+        shared = sorted(set(finals[k]) & set(finals[base_label]))
+        ax.plot([finals[k][s] - finals[base_label][s] for s in shared], [y] * len(shared), "k.",
+                ms=3, alpha=0.5)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xlabel(f"final validation loss minus the baseline's, nats/token (right is worse)\n"
+                  f"bars: {compare.LEVEL:.0%} interval over seeds; dots: single seeds", fontsize=8)
+
+
+def _gap_along_training(ax, best: dict, base_label: str, others: list[str]) -> None:
+    """Each setting's validation loss minus the baseline's at every evaluation (mean over
+    the seeds both have): whether a final difference is one of speed or of end point."""
+    base_rows = best[base_label][1]
+    for i, k in enumerate(others):
+        seeds = sorted(set(best[k][1]) & set(base_rows))
+        curves = [_val_history(best[k][1][s]) for s in seeds]
+        base = [_val_history(base_rows[s]) for s in seeds]
+        tokens = sorted(set.intersection(*(set(c) for c in curves + base))) if seeds else []
+        gaps = [statistics.mean(c[t] - b[t] for c, b in zip(curves, base)) for t in tokens]
+        ax.plot(tokens, gaps, "o-", ms=3, color=f"C{i}", label=k)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("Δ validation loss vs baseline (nats)")
+    ax.set_title("The same difference along training (mean over seeds):\n"
+                 "a gap that closes is slower learning, one that stays a worse end point",
+                 fontsize=8)
+    ax.legend(fontsize=7)
+
+
+def _val_history(row: dict) -> dict[int, float]:
+    return {h["tokens"]: h["val_loss"] for h in row["metrics"]["history"] if "val_loss" in h}
+
+
 def _best_lr_settings(rows: list[dict], varied: list[str]) -> dict[str, tuple[float, dict]]:
-    """{setting label: (its best lr, {seed: final val loss at that lr})}."""
+    """{setting label: (its best lr, {seed: results row at that lr})}."""
     keys = [k for k in varied if k not in ("seed", "lr")]
     common = {k: statistics.mode(str(r["params"][k]) for r in rows) for k in keys}
-    runs = defaultdict(lambda: defaultdict(dict))  # label -> lr -> seed -> loss
+    runs = defaultdict(lambda: defaultdict(dict))  # label -> lr -> seed -> row
     for r in rows:
         label = ", ".join(f"{k}={r['params'][k]}" for k in keys if str(r["params"][k]) != common[k])
         lr = r["params"].get("lr", r["metrics"].get("train", {}).get("lr"))
-        runs[label or "baseline"][lr][r["params"].get("seed", 0)] = r["metrics"]["val_loss"]
-    return {label: min(by_lr.items(), key=lambda item: _mean(item[1]))
+        runs[label or "baseline"][lr][r["params"].get("seed", 0)] = r
+    mean_loss = lambda by_seed: statistics.mean(r["metrics"]["val_loss"] for r in by_seed.values())
+    return {label: min(by_lr.items(), key=lambda item: mean_loss(item[1]))
             for label, by_lr in runs.items()}
 
 
