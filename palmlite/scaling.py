@@ -123,18 +123,15 @@ def bootstrap(N, L, D=None, *, n_resamples: int = 200, level: float = 0.9,
     fit = lambda idx, inits=None: (fit_kaplan(N[idx], L[idx], inits) if D is None else
                                    fit_chinchilla(N[idx], np.asarray(D, float)[idx], L[idx], inits))
     full = fit(np.arange(len(N)))
-    rng, exponents, draws = np.random.default_rng(seed), [], 0
-    while len(exponents) < n_resamples:
-        if draws == 100 * n_resamples:
-            raise ValueError(f"too few runs to bootstrap: {len(exponents)} of {draws} resamples "
-                             "had enough distinct sizes (and budgets) to fit")
-        draws += 1
-        idx = rng.integers(0, len(N), len(N))
+
+    def one(rng):
         try:
-            refit = fit(idx, [full.theta()])
+            refit = fit(rng.integers(0, len(N), len(N)), [full.theta()])
         except ValueError:  # too few distinct sizes or budgets in this resample
-            continue
-        exponents.append((refit.alpha, refit.beta))
+            return None
+        return refit.alpha, refit.beta
+
+    exponents = _resamples(one, n_resamples, seed, "had enough distinct sizes (and budgets) to fit")
     tail = 100 * (1 - level) / 2
     names = ("alpha",) if D is None else ("alpha", "beta")
     return {name: tuple(float(x) for x in np.percentile([e[i] for e in exponents],
@@ -516,22 +513,30 @@ def _isoflop_bootstrap(points: dict, budgets: list[float], n_resamples: int,
     N, L = np.asarray(points["N"], float), np.asarray(points["loss"], float)
     C = np.asarray(points["budget"] if "budget" in points else points["C"], float)
     groups = [np.flatnonzero(C == c) for c in budgets]
-    rng, samples, draws = np.random.default_rng(seed), [], 0
-    while len(samples) < n_resamples:
-        if draws == 100 * n_resamples:
-            raise ValueError(f"too few runs to bootstrap: {len(samples)} of {draws} resamples "
-                             "had a convex parabola at every budget")
-        draws += 1
+
+    def one(rng):
         vertices = []
         for at in groups:
             idx = rng.choice(at, len(at))
             coef = np.polyfit(np.log(N[idx]), L[idx], 2) if len(np.unique(N[idx])) >= 3 else None
             if coef is None or coef[0] <= 0:
-                break
+                return None
             vertices.append(-coef[1] / (2 * coef[0]))
-        else:
-            samples.append(np.polyfit(np.log(budgets), vertices, 1))
-    return np.array(samples)
+        return np.polyfit(np.log(budgets), vertices, 1)
+
+    return np.array(_resamples(one, n_resamples, seed, "had a convex parabola at every budget"))
+
+
+def _resamples(draw, n_resamples: int, seed: int, what: str) -> list:
+    """``n_resamples`` values of ``draw(rng)``, drawing again where it returns None (a
+    resample that cannot be fitted), up to 100 × n_resamples draws; seeded."""
+    rng, values = np.random.default_rng(seed), []
+    for draws in range(1, 100 * n_resamples + 1):
+        if (value := draw(rng)) is not None:
+            values.append(value)
+        if len(values) == n_resamples:
+            return values
+    raise ValueError(f"too few runs to bootstrap: {len(values)} of {draws} resamples {what}")
 
 
 # ---- the fit itself -------------------------------------------------------------------

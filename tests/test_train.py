@@ -252,3 +252,11 @@ def test_the_summary_splits_the_time_and_counts_compilations(corpus):
     assert summary["seconds_training"] > 0
     assert set(summary["compilation_cache"]) == {"requests", "hits"}
     assert summary["compilation_cache"]["requests"] >= 1  # the persistent cache is on
+
+
+def test_every_training_seed_is_scored_on_one_validation_split(corpus):
+    """Seeds differ in init and data order, not in the documents held out (split_seed)."""
+    info = lambda **kw: train(MODEL, config(corpus, steps=2, eval_every=0, **kw)).info["data"]
+    a, b, c = info(seed=0), info(seed=1), info(seed=0, split_seed=1)
+    assert a["validation"] == b["validation"] and a["train"] == b["train"]
+    assert c["validation"] != a["validation"]
