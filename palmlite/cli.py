@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=0)
     w = sub.add_parser("sweep", help="run a study's notebook over its grid with papermill")
     w.add_argument("study", help="a study spec, e.g. studies/quick.yaml")
-    w.add_argument("--workers", type=int, default=1, help="notebooks run at once (processes)")
+    w.add_argument("--workers", type=int, default=1,
+                   help="notebooks run at once (processes, each pinned to its share of the cores)")
     w.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
                    help="run only the points whose parameter KEY equals VALUE")
     w.add_argument("--dry-run", action="store_true", help="list the points and what is done")
