@@ -31,13 +31,13 @@ def main(name: str = "i") -> None:
     step = make_train_step(graphdef, tx, tc.z_loss, steps_per_call=STEPS_PER_CALL)
     block = np.random.default_rng(0).integers(0, shape["vocab_size"],
                                               (STEPS_PER_CALL, shape["batch"], shape["seq"] + 1))
-    block = jnp.asarray(block, jnp.int32)
-    state, _ = step(state, block)
+    block, n_steps = jnp.asarray(block, jnp.int32), jnp.int32(STEPS_PER_CALL)
+    state, _ = step(state, block, n_steps)
     jax.block_until_ready(state)
     times = []
     for _ in range(7):
         t0 = time.perf_counter()
-        state, _ = step(state, block)
+        state, _ = step(state, block, n_steps)
         jax.block_until_ready(state)
         times.append((time.perf_counter() - t0) / STEPS_PER_CALL * 1e3)
     print(f"shape ({name}): median {sorted(times)[3]:.1f} ms per step")

@@ -182,11 +182,12 @@ class PalmliteRunner:
             x = jnp.asarray(batch_BxT1, jnp.int32)
             step = make_train_step(graphdef, tx, tc.z_loss)
         self.x = x
-        self.step = step.lower(self.state, x).compile()
+        self.args = (x, jnp.int32(k)) if k > 1 else (x,)  # K > 1: every step of a call counts
+        self.step = step.lower(self.state, *self.args).compile()
 
     def calls(self, n_calls: int) -> None:
         for _ in range(n_calls):
-            self.state, m = self.step(self.state, self.x)
+            self.state, m = self.step(self.state, *self.args)
         jax.block_until_ready(m)  # the loop dispatches ahead, as train() does
 
     def block(self, n_steps: int) -> float:
@@ -224,7 +225,7 @@ class Matmul:
 def setup(name: str, args) -> tuple[pl.ModelConfig, TrainConfig, TorchRunner, PalmliteRunner, Matmul]:
     shape = SHAPES[name]
     B, T, D = shape["batch"], shape["seq"], shape["d_model"]
-    cfg = model_config(shape, GPT2)
+    cfg = model_config(shape, GPT2, attention_impl=args.attention)
     tc = TrainConfig(batch_size=B, seq_len=T, steps=1000, tokenizer="bytes")
     batch_BxT1 = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1), dtype=np.int32)
     torch_run = TorchRunner(cfg, tc, batch_BxT1, args.torch_adamw)
@@ -290,7 +291,8 @@ def header_info(args) -> dict:
                 torch_interop_threads=torch.get_num_interop_threads(),
                 xla_flags=os.environ.get("XLA_FLAGS", ""), omp_num_threads=os.environ.get("OMP_NUM_THREADS", ""),
                 repeats=args.repeats, steps_per_block=args.steps_per_block,
-                steps_per_call=args.steps_per_call, torch_adamw=args.torch_adamw)
+                steps_per_call=args.steps_per_call, torch_adamw=args.torch_adamw,
+                attention=args.attention)
 
 
 def print_header(info: dict, big: tuple[float, float]) -> None:
@@ -301,7 +303,8 @@ def print_header(info: dict, big: tuple[float, float]) -> None:
           f"intra-op / {info['torch_interop_threads']} inter-op threads, "
           f"OMP_NUM_THREADS={info['omp_num_threads']!r}); python {info['python']}")
     print(f"float32; median over {info['repeats']} interleaved repeats of blocks of "
-          f"{info['steps_per_block']} steps; palmlite steps per call {info['steps_per_call']}; "
+          f"{info['steps_per_block']} steps; palmlite steps per call {info['steps_per_call']}, "
+          f"attention {info['attention']}; "
           f"torch AdamW {info['torch_adamw']}")
     print(f"matmul 1024³ float32: jax {big[0] / 1e9:.1f} GFLOP/s, torch {big[1] / 1e9:.1f} GFLOP/s")
     print(IDLE_NOTE, flush=True)
@@ -331,9 +334,11 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shapes", default="i,ii,iii,iv", help="comma-separated, of " + ",".join(SHAPES))
     p.add_argument("--repeats", type=int, default=20, help="interleaved blocks per side")
-    p.add_argument("--steps-per-block", type=int, default=5)
-    p.add_argument("--steps-per-call", type=int, default=1,
-                   help="palmlite only: optimizer steps per jitted call (lax.scan), if supported")
+    p.add_argument("--steps-per-block", type=int, default=TrainConfig.steps_per_call)
+    p.add_argument("--steps-per-call", type=int, default=TrainConfig.steps_per_call,
+                   help="palmlite only: optimizer steps per jitted call (lax.scan)")
+    p.add_argument("--attention", choices=pl.config.ATTENTION_IMPLS,
+                   default=pl.ModelConfig.attention_impl, help="palmlite's attention_impl")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side before timing")
     # Measured on the 2-core EPYC (optimizer step alone): fused ≪ foreach < for-loop. nanoGPT
     # itself uses fused only on CUDA, i.e. the for-loop on a CPU: fused is the stronger baseline.

@@ -20,7 +20,7 @@ BLOCKS = ("parallel", "serial")
 POSITIONS = ("rope", "learned", "sinusoidal", "relative", "alibi", "none")
 ABSOLUTE_POSITIONS = ("learned", "sinusoidal")  # added to the embeddings; the rest see offsets only
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("blocked", "xla", "cudnn")
 REMATS = ("none", "full", "dots")
 # Every string toggle of ModelConfig and its allowed values: the one list that validation,
 # the tests and the notebooks read.
@@ -113,7 +113,10 @@ class ModelConfig:
     embed_init_std: float = 0.02  # GPT-2's 0.02 (PaLM's N(0,1): see the class docstring)
     init_scale: float = 1.0  # multiplies the fan-in (1/sqrt(fan_in)) std of every kernel
     moe: MoEConfig | None = None  # GLaM: mixture-of-experts FFNs (None: dense)
-    attention_impl: str = "xla"  # "xla" (any device) | "cudnn" (fused flash attention, NVIDIA GPUs, 16-bit)
+    # "blocked" (query blocks skip the keys after them; fastest on CPU) | "xla" (JAX's
+    # dot_product_attention) | "cudnn" (fused flash attention, NVIDIA GPUs, 16-bit)
+    attention_impl: str = "blocked"
+    attention_block: int = 64  # queries per block of attention_impl="blocked" (T <= it: one block)
     remat: str = "none"  # recompute in the backward: "none" | "full" (each block) | "dots" (all but matmuls)
 
     def __post_init__(self):
@@ -159,7 +162,10 @@ class ModelConfig:
                      "an even width with position='sinusoidal' (sin/cos pairs)")
         if self.attention_impl == "cudnn":
             _require(self.dtype != "float32", "attention_impl", self.attention_impl,
-                     "'xla' with dtype='float32' (cuDNN's fused attention needs bfloat16/float16)")
+                     "'blocked' or 'xla' with dtype='float32' (cuDNN's fused attention needs "
+                     "bfloat16/float16)")
+        _require(self.attention_block >= 1, "attention_block", self.attention_block,
+                 "a positive number of queries per block")
         if self.moe is not None:
             _require(self.moe.every <= self.n_layers, "moe", self.moe,
                      f"every <= n_layers={self.n_layers} (else no layer is an MoE)")

@@ -181,3 +181,21 @@ def test_rematerialisation_changes_memory_not_gradients(remat):
     assert float(l0) == pytest.approx(float(l1), rel=1e-6)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2])
+@pytest.mark.parametrize("position", POSITIONS)
+def test_blocked_attention_equals_jax_attention(position, n_kv_heads):
+    """attention_impl="blocked" (query blocks of 5 over T = 12: the last block is short)
+    computes JAX's causal attention: same logits and gradients, with left padding too."""
+    def loss_and_grads(model):
+        x_BxT = tokens(3, shape=(3, 12))
+        pos_BxT = jnp.arange(12)[None, :] - jnp.array([0, 4, 9])[:, None]
+        def loss_fn(m):
+            return cross_entropy_and_z_loss(m(x_BxT[:, :-1], pos_BxT[:, :-1]), x_BxT[:, 1:])[0]
+        return nnx.value_and_grad(loss_fn)(model)
+    common = dict(position=position, n_kv_heads=n_kv_heads)
+    (l0, g0) = loss_and_grads(build(attention_impl="xla", **common))
+    (l1, g1) = loss_and_grads(build(attention_impl="blocked", attention_block=5, **common))
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g0)
