@@ -65,7 +65,8 @@ def _generate(args) -> None:
 
 def _sweep(args) -> int:
     from palmlite.studies import run_study
-    return run_study(args.study, workers=args.workers, only=args.only, dry_run=args.dry_run)
+    return run_study(args.study, workers=args.workers, only=args.only, dry_run=args.dry_run,
+                     parts=args.part)
 
 
 def _figures(args) -> None:
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("study", help="a study spec, e.g. studies/quick.yaml")
     w.add_argument("--workers", type=int, default=1,
                    help="notebooks run at once (processes, each pinned to its share of the cores)")
+    w.add_argument("--part", action="append", default=[], metavar="NAME",
+                   help="run only this part of the study (repeatable)")
     w.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
                    help="run only the points whose parameter KEY equals VALUE")
     w.add_argument("--dry-run", action="store_true", help="list the points and what is done")

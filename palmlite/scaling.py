@@ -260,7 +260,12 @@ TOKENS_PER_PARAM = 20
 LADDER_HEAD_SIZE = 16  # PaLM §2 keeps one head size at every scale (256); 16 at laptop scale
 LADDER_D_MODEL_MAX = 2048  # widths 16, 32, ..., 2048 (up to ~7e9 parameters, 128 layers)
 # d_model / n_layers: Kaplan et al. 2020 §3.1 (Fig. 5): shape matters little in a wide band
-LADDER_ASPECT = (16, 64)
+LADDER_ASPECT = (8, 64)
+# At least two layers: a one-layer model cannot compose attention heads (no induction heads,
+# Olsson et al. 2022) and ran 0.2-0.4 nats above the two-layer trend in our full study
+# (studies/results, session 3: 23.7k parameters at 1 layer 2.09 vs 39.1k at 2 layers 1.67
+# nats at C = 1e12), which bends an IsoFLOP parabola for a reason unrelated to size.
+LADDER_MIN_LAYERS = 2
 # N_opt ∝ C^a, as Hoffmann et al. 2022 (Chinchilla) Table 2 reports it:
 CHINCHILLA_A_APPROACH1 = 0.50  # Chinchilla Table 2, Approach 1 (envelope of training curves)
 CHINCHILLA_A_APPROACH2 = 0.49  # Chinchilla Table 2, Approach 2 (IsoFLOP profiles: fit_isoflop)
@@ -309,10 +314,10 @@ def isoflop_grid(flops_budget: float, *, n_sizes: int = 5, span: float = 6.0,
     The ladder: ``base`` (default: the "tiny" preset, PaLM's toggles: parallel block, RoPE,
     SwiGLU, multi-query, tied embeddings) with ``vocab_size`` (259: bytes and 3 specials),
     d_model = 16, 32, ... LADDER_D_MODEL_MAX, heads of LADDER_HEAD_SIZE, d_ff = 4·d_model
-    (PaLM §2) and every n_layers >= 1 with d_model / n_layers within LADDER_ASPECT. Each
-    target gets the shape whose total parameters are nearest in log N; when two targets
-    would share one (small budgets, where the ladder is coarse) the sizes are kept distinct
-    by the increasing assignment with the least summed squared log error.
+    (PaLM §2) and every n_layers >= LADDER_MIN_LAYERS with d_model / n_layers within
+    LADDER_ASPECT. Each target gets the shape whose total parameters are nearest in log N;
+    when two targets would share one (small budgets, where the ladder is coarse) the sizes
+    are kept distinct by the increasing assignment with the least summed squared log error.
     """
     _check_isoflop_grid(flops_budget, n_sizes, span)
     base = _ladder_base(base, vocab_size)
@@ -371,7 +376,7 @@ def _ladder(base: ModelConfig) -> tuple[list[tuple[int, int]], np.ndarray]:
     """Every (d_model, n_layers) of the ladder and its total parameters, by size."""
     low, high = LADDER_ASPECT
     shapes = [(d, n) for d in range(LADDER_HEAD_SIZE, LADDER_D_MODEL_MAX + 1, LADDER_HEAD_SIZE)
-              for n in range(max(1, -(-d // high)), d // low + 1)]
+              for n in range(max(LADDER_MIN_LAYERS, -(-d // high)), d // low + 1)]
     params = np.array([count_params(_ladder_shape(base, d, n)) for d, n in shapes], float)
     order = np.argsort(params, kind="stable")
     return [shapes[i] for i in order], params[order]

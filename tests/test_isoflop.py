@@ -26,7 +26,8 @@ def test_isoflop_models_grow_with_size_index_and_hit_their_targets(C):
     assert N[2] == pytest.approx(n_opt, rel=0.5)
     for c in cfgs:  # the ladder: PaLM's toggles, heads of 16, d_ff = 4 d_model, bytes
         assert c.d_model % 16 == 0 and c.head_size == 16 and c.d_ff == 4 * c.d_model
-        assert 16 <= c.d_model / c.n_layers <= 64
+        low, high = scaling.LADDER_ASPECT
+        assert low <= c.d_model / c.n_layers <= high and c.n_layers >= scaling.LADDER_MIN_LAYERS
         assert (c.vocab_size, c.block, c.position, c.activation, c.n_kv_heads,
                 c.tie_embeddings) == (259, "parallel", "rope", "swiglu", 1, True)
     assert cfgs == isoflop_grid(C)

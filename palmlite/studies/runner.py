@@ -56,9 +56,15 @@ def run_point(notebook: str, output: str, parameters: dict, timeout_s: int, env:
 
 
 def run_study(spec: str | Path, *, workers: int = 1, only: list[str] = (), dry_run: bool = False,
-              root: str | Path = ".") -> int:
-    """Run the pending points of a study (each part in turn); returns the failed count."""
+              root: str | Path = ".", parts: list[str] = ()) -> int:
+    """Run the pending points of a study (each part in turn, or only the named ``parts``);
+    returns the failed count."""
     studies = load_studies(spec)
+    names = [study.name for study in studies]
+    unknown = [p for p in parts if p not in names]
+    if unknown:
+        raise ValueError(f"--part {unknown[0]!r} is not a part of {str(spec)!r}; its parts: {names}")
+    studies = [study for study in studies if not parts or study.name in parts]
     _check_only(studies, only)
     return sum(_run_one(study, workers, only, dry_run, Path(root)) for study in studies)
 
