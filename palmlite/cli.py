@@ -66,7 +66,7 @@ def _generate(args) -> None:
 def _sweep(args) -> int:
     from palmlite.studies import run_study
     return run_study(args.study, workers=args.workers, only=args.only, dry_run=args.dry_run,
-                     parts=args.part)
+                     parts=args.part, reuse_kernel=not args.fresh_kernels)
 
 
 def _figures(args) -> None:
@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("study", help="a study spec, e.g. studies/quick.yaml")
     w.add_argument("--workers", type=int, default=1,
                    help="notebooks run at once (processes, each pinned to its share of the cores)")
+    w.add_argument("--fresh-kernels", action="store_true",
+                   help="a new kernel for every point (default: each worker reuses its kernel, "
+                        "namespace emptied between points)")
     w.add_argument("--part", action="append", default=[], metavar="NAME",
                    help="run only this part of the study (repeatable)")
     w.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",

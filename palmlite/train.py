@@ -60,6 +60,7 @@ class TrainResult:
     train_config: TrainConfig
     info: dict  # what config.json records: configs, data fingerprints, device, versions
     seconds: dict = dataclasses.field(default_factory=dict)  # setup, compile, training, ...
+    compilation_cache: dict = dataclasses.field(default_factory=dict)  # this run's requests, hits
 
     def history(self, key: str) -> tuple[list[int], list[float]]:
         """(steps, values) of one metric, skipping lines that do not have it."""
@@ -80,7 +81,7 @@ class TrainResult:
             seed=self.train_config.seed, history=self.metrics, device=self.info["device"],
             seconds_training=self.seconds.get("training"),
             seconds={k: round(v, 3) for k, v in self.seconds.items()},
-            compilation_cache=dict(COMPILATION_CACHE_COUNTS),  # this process's, so far
+            compilation_cache=self.compilation_cache,
             corpus={k: data["corpus"][k] for k in ("name", "fingerprint")},
             tokenizer={k: data["tokenizer"][k] for k in ("name", "fingerprint")},
             model=self.info["model"], train=self.info["train"], versions=self.info["versions"])
@@ -178,7 +179,7 @@ def train(model: ModelConfig | str = "small", config: TrainConfig | None = None,
     ``out`` is the run directory (config.json, metrics.jsonl, checkpoints/); ``resume``
     continues the run found there bit-identically. Keyword overrides go to ``config``.
     """
-    t_start = time.perf_counter()
+    t_start, cache_before = time.perf_counter(), dict(COMPILATION_CACHE_COUNTS)
     cfg = presets.get(model) if isinstance(model, str) else model
     tc = (config or TrainConfig()).replace(**overrides)
     dtypes = tc.model_dtypes(cfg)  # the precision sets the model's dtypes; a disagreement raises
@@ -220,8 +221,9 @@ def train(model: ModelConfig | str = "small", config: TrainConfig | None = None,
     state = loop.run(make_step, state, start)
     if ckpt is not None:
         ckpt.close()
+    cache = {k: v - cache_before[k] for k, v in COMPILATION_CACHE_COUNTS.items()}
     return TrainResult(nnx.merge(graphdef, state["params"]), tokenizer, loop.metrics, run_dir,
-                       cfg, tc, info, {**seconds, **loop.seconds})
+                       cfg, tc, info, {**seconds, **loop.seconds}, cache)
 
 
 class _Loop:

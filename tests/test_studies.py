@@ -251,3 +251,27 @@ figures: {{isoflop: iso}}
     first, second = rows["seed=0,size_index=-2"], rows["seed=1,size_index=-2"]
     assert first["metrics"]["compilation_cache"]["hits"] < second["metrics"]["compilation_cache"]["hits"]
     assert (tmp_path / "figures" / "iso.png").exists()
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_a_worker_reuses_its_kernel_with_an_empty_namespace(tmp_path, reuse):
+    """One worker, three points: with kernel reuse all run in one kernel process, yet no
+    point sees the previous point's variables (the namespace is reset in between), and the
+    results equal those of a kernel per point."""
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("x = 1\nseed = 0\nresult_path = None")
+    params.metadata["tags"] = ["parameters"]
+    body = nbformat.v4.new_code_cell(
+        "import os\nfrom palmlite.studies import record\n"
+        "leaked = 'previous_x' in globals()\nprevious_x = x\n"
+        "record({'y': x * 10 + seed, 'pid': os.getpid(), 'leaked': leaked}, result_path)")
+    nb.cells = [params, body]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "nb.ipynb")
+    spec = tmp_path / "study.yaml"
+    spec.write_text("name: reuse\nnotebook: nb.ipynb\ngrid: {product: {x: [1, 2, 3]}}\nseeds: [0]\n")
+    assert run_study(spec, workers=1, root=tmp_path, reuse_kernel=reuse) == 0
+    metrics = [r["metrics"] for r in read_results(tmp_path / "studies/results/reuse.jsonl")]
+    assert sorted(m["y"] for m in metrics) == [10, 20, 30]
+    assert not any(m["leaked"] for m in metrics)
+    assert len({m["pid"] for m in metrics}) == (1 if reuse else 3)
