@@ -45,6 +45,11 @@ class MoEConfig:
     top_k: int = 2  # experts per token: 1 Switch, 2 GLaM/GShard
     every: int = 2  # GLaM: every other FFN is an MoE
     capacity_factor: float | None = 1.25  # C = ceil(k·tokens/E · factor); None: dropless
+    # Tokens per routing group, over which capacity is shared (GShard's G). None: each
+    # sequence is a group (GShard's one-hot einsum). A number: groups of that many tokens
+    # (several sequences; a call with fewer tokens is one group), dispatched by scatter and
+    # gather, whose cost does not grow with the group: larger groups drop fewer tokens.
+    group_size: int | None = None
     aux_loss_coef: float = 0.01  # Switch §2.2 load balancing α (GLaM also 0.01)
     router_z_loss_coef: float = 1e-3  # ST-MoE §3.1
     router_init_scale: float = 0.1  # Switch §2.4: router init 10x smaller than the default
@@ -62,6 +67,10 @@ class MoEConfig:
         req(self.top_k <= self.n_experts, "top_k", f"at most n_experts={self.n_experts}")
         req(self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor",
             "a positive number or None (dropless)")
+        req(self.group_size is None or self.group_size > 0, "group_size",
+            "a positive number of tokens or None (one group per sequence)")
+        req(self.group_size is None or self.capacity_factor is not None, "group_size",
+            "None when capacity_factor is None (dropless routing has no groups)")
         for name in ("aux_loss_coef", "router_z_loss_coef"):
             req(getattr(self, name) >= 0, name, "a number >= 0")
         req(self.router_init_scale > 0, "router_init_scale", "a positive number")
@@ -318,6 +327,14 @@ class TrainConfig:
         """
         _require_precision(_chosen_dtypes(model), self)
         return self.dtypes
+
+    def check_moe_groups(self, model: ModelConfig) -> None:
+        """A batch of batch_size · seq_len tokens must split into whole MoE routing groups."""
+        group, tokens = model.moe and model.moe.group_size, self.batch_size * self.seq_len
+        if group and tokens > group and tokens % group:
+            raise ValueError(f"MoEConfig.group_size={group} is invalid with TrainConfig."
+                             f"batch_size={self.batch_size} x seq_len={self.seq_len} = {tokens} "
+                             "tokens per batch: expected a divisor of it (or at least it)")
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return _replace(self, changes)

@@ -1,12 +1,14 @@
 """GLaM's mixture-of-experts FFN: router -> top-k -> dispatch -> E expert FFNs -> combine.
 
 Shapes: B sequences of T tokens, N = B·T, D d_model, F d_ff, E experts, K top_k, C capacity,
-M = N·K routed token-slots. Two dispatches compute the same function:
+M = N·K routed token-slots, P groups. Three dispatches compute the same function:
 
 - ``capacity_factor`` set: GShard's einsum. In each sequence (a GShard group) each expert
   has C slots; slots go to all first choices before any second choice (GShard §2.2), and
   a token-slot that finds its expert full is dropped: it contributes nothing, so the
   token rides the residual.
+- ``capacity_factor`` and ``group_size`` set: the same capacity rule over groups of
+  ``group_size`` tokens (several sequences), by scatter/gather into [E·C] slot buffers.
 - ``capacity_factor=None``: dropless. Token-slots are sorted by expert and each expert's
   contiguous group goes through one grouped matmul (``jax.lax.ragged_dot``).
 
@@ -68,6 +70,7 @@ class MoE(nnx.Module):
         moe, D, F = cfg.moe, cfg.d_model, cfg.d_ff
         E, s = moe.n_experts, cfg.init_scale
         self.top_k, self.capacity_factor = moe.top_k, moe.capacity_factor
+        self.group_size = moe.group_size
         self.dtype = jnp.dtype(cfg.dtype)
         self.act = ACTIVATION_FNS[cfg.activation]
         self.router_DxE = normal_param(rngs, cfg, (D, E), ("embed", "expert"),
@@ -86,6 +89,9 @@ class MoE(nnx.Module):
         r = route(logits_NxE, self.top_k)
         if self.capacity_factor is None:
             y_NxD, dropped = self.dropless(x_NxD, r), jnp.zeros((), jnp.float32)
+            y_BxTxD = y_NxD.reshape(x_BxTxD.shape)
+        elif self.group_size is not None:
+            y_NxD, dropped = self.grouped_dispatch(x_NxD, r)
             y_BxTxD = y_NxD.reshape(x_BxTxD.shape)
         else:
             y_BxTxD, dropped = self.einsum_dispatch(x_NxD.reshape(x_BxTxD.shape), r)
@@ -133,6 +139,41 @@ class MoE(nnx.Module):
         y_ExBCxD = self.expert_ffns(x_ExBCxD, lambda x, w: jnp.einsum("emi,eio->emo", x, w))
         y_BxTxD = jnp.einsum("btec,ebcd->btd", combine_BxTxExC, y_ExBCxD.reshape(E, B, C, -1))
         return y_BxTxD, jnp.mean(~kept_BxTxK, dtype=jnp.float32)
+
+    def grouped_dispatch(self, x_NxD: jax.Array, r: Routing) -> tuple[jax.Array, jax.Array]:
+        """Capacity shared by groups of G = ``group_size`` tokens, by scatter and gather.
+
+        The same slot rule as ``einsum_dispatch`` (in each group, all first choices before any
+        second choice; a token-slot that finds its expert's C slots full is dropped), but
+        each token-slot is written to its slot's row of an [E·C, D] buffer and read back
+        from it: O(G·K·D) per group instead of the one-hot einsums' O(G·E·C·D).
+        """
+        N, D = x_NxD.shape
+        K, E = self.top_k, self.router_DxE.shape[-1]
+        G = min(self.group_size, N)
+        if N % G:
+            raise ValueError(f"MoEConfig.group_size={self.group_size} does not divide the "
+                             f"{N} tokens of this call")
+        C = capacity(G, K, E, self.capacity_factor)
+        # Token-slots of each group k-major: [group, k, token] -> priority order.
+        experts_PxM = r.experts_NxK.reshape(N // G, G, K).transpose(0, 2, 1).reshape(N // G, K * G)
+        chosen_PxMxE = jax.nn.one_hot(experts_PxM, E, dtype=jnp.int32)
+        slot_PxM = jnp.sum((jnp.cumsum(chosen_PxMxE, axis=1) - 1) * chosen_PxMxE, -1)
+        kept_PxM = slot_PxM < C
+        row_PxM = jnp.where(kept_PxM, experts_PxM * C + slot_PxM, E * C)  # E·C: a dummy row
+        token_PxM = jnp.tile(jnp.arange(G), K)[None, :] + (jnp.arange(N // G) * G)[:, None]
+        group_PxM = jnp.broadcast_to(jnp.arange(N // G)[:, None], row_PxM.shape)
+        buffer_PxRxD = jnp.zeros((N // G, E * C + 1, D), self.dtype).at[group_PxM, row_PxM].set(
+            x_NxD[token_PxM])
+        x_ExPCxD = buffer_PxRxD[:, :-1].reshape(N // G, E, C, D).transpose(1, 0, 2, 3)
+        y_ExPCxD = self.expert_ffns(x_ExPCxD.reshape(E, -1, D),
+                                    lambda x, w: jnp.einsum("emi,eio->emo", x, w))
+        y_PxRxD = jnp.pad(y_ExPCxD.reshape(E, N // G, C, D).transpose(1, 0, 2, 3).reshape(
+            N // G, E * C, D), [(0, 0), (0, 1), (0, 0)])
+        gates_PxM = r.gates_NxK.reshape(N // G, G, K).transpose(0, 2, 1).reshape(N // G, K * G)
+        y_PxMxD = y_PxRxD[group_PxM, row_PxM] * (gates_PxM * kept_PxM).astype(self.dtype)[..., None]
+        y_NxD = jnp.zeros_like(x_NxD).at[token_PxM.reshape(-1)].add(y_PxMxD.reshape(-1, D))
+        return y_NxD, jnp.mean(~kept_PxM, dtype=jnp.float32)
 
     def dropless(self, x_NxD: jax.Array, r: Routing) -> jax.Array:
         """Sort the M = N·K token-slots by expert; one grouped matmul per kernel.

@@ -183,6 +183,7 @@ def train(model: ModelConfig | str = "small", config: TrainConfig | None = None,
     cfg = presets.get(model) if isinstance(model, str) else model
     tc = (config or TrainConfig()).replace(**overrides)
     dtypes = tc.model_dtypes(cfg)  # the precision sets the model's dtypes; a disagreement raises
+    tc.check_moe_groups(cfg)
     mesh = None if tc.mesh is None else sharding.make_mesh(tc.mesh)  # checks the device count
     batch_sharding = None if mesh is None else \
         sharding.batch_sharding(mesh, (tc.batch_size, tc.seq_len + 1))  # and the batch size

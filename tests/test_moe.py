@@ -30,26 +30,28 @@ def tokens(seed=0, shape=(2, 12)):
     return jax.random.randint(jax.random.key(seed), shape, 0, SMALL["vocab_size"])
 
 
-def reference(layer: MoE, x_BxTxD, capacity_factor):
+def reference(layer: MoE, x_BxTxD, capacity_factor, group=None):
     """Token by token: each chosen expert's FFN, weighted by its gate, unless that
-    expert's capacity in this sequence is used up by higher-priority token-slots
-    (all 1st choices before any 2nd)."""
+    expert's capacity in this group (a sequence, or ``group`` tokens of the flattened
+    batch) is used up by higher-priority token-slots (all 1st choices before any 2nd)."""
     up, gate, down = (np.asarray(w) for w in (layer.up_ExDxF, layer.gate_ExDxF, layer.down_ExFxD))
-    y = np.zeros(x_BxTxD.shape, np.float32)
-    for b, x_TxD in enumerate(np.asarray(x_BxTxD)):
-        r = route(jnp.asarray(x_TxD) @ layer.router_DxE[...], layer.top_k)
+    B, T, D = x_BxTxD.shape
+    G = T if group is None else group
+    y = np.zeros((B * T, D), np.float32)
+    for g, x_GxD in enumerate(np.asarray(x_BxTxD).reshape(-1, G, D)):
+        r = route(jnp.asarray(x_GxD) @ layer.router_DxE[...], layer.top_k)
         gates, experts = np.asarray(r.gates_NxK), np.asarray(r.experts_NxK)
-        (T, K), E = experts.shape, up.shape[0]
-        C = T * K if capacity_factor is None else capacity(T, K, E, capacity_factor)
+        K, E = experts.shape[1], up.shape[0]
+        C = G * K if capacity_factor is None else capacity(G, K, E, capacity_factor)
         used = np.zeros(E, int)
         for k in range(K):
-            for t in range(T):
+            for t in range(G):
                 e = experts[t, k]
                 if used[e] < C:
                     used[e] += 1
-                    h = np.asarray(layer.act(x_TxD[t] @ gate[e])) * (x_TxD[t] @ up[e])
-                    y[b, t] += gates[t, k] * (h @ down[e])
-    return y
+                    h = np.asarray(layer.act(x_GxD[t] @ gate[e])) * (x_GxD[t] @ up[e])
+                    y[g * G + t] += gates[t, k] * (h @ down[e])
+    return y.reshape(B, T, D)
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 4.0, 1.0, 0.5])
@@ -60,6 +62,35 @@ def test_both_dispatches_match_the_per_token_reference(capacity_factor):
     np.testing.assert_allclose(y, reference(layer, x, capacity_factor), atol=1e-5)
     # 4.0 gives C >= T: no expert can overflow. 1.0 and 0.5 drop (an unbalanced router).
     assert (float(stats.dropped_fraction) > 0) == (capacity_factor in (1.0, 0.5))
+
+
+@pytest.mark.parametrize("capacity_factor", [4.0, 1.0, 0.5])
+@pytest.mark.parametrize("group_size", [12, 24, 48, 6])
+def test_grouped_dispatch_matches_the_reference_over_its_groups(capacity_factor, group_size):
+    """group_size = T is GShard's per-sequence einsum exactly; 24 shares capacity over both
+    sequences; 48 (more than the call's 24 tokens) is one group; 6 splits each sequence."""
+    layer = MoE(moe_cfg(capacity_factor=capacity_factor, group_size=group_size),
+                rngs=nnx.Rngs(0))
+    x = activations()
+    y, stats = nnx.jit(lambda m: m(x))(layer)
+    np.testing.assert_allclose(y, reference(layer, x, capacity_factor, min(group_size, 24)),
+                               atol=1e-5)
+    if group_size == 12:
+        einsum = MoE(moe_cfg(capacity_factor=capacity_factor), rngs=nnx.Rngs(0))
+        y_einsum, stats_einsum = einsum(x)
+        np.testing.assert_allclose(y, y_einsum, atol=1e-6)
+        assert float(stats.dropped_fraction) == pytest.approx(float(stats_einsum.dropped_fraction))
+
+
+def test_larger_groups_drop_fewer_token_slots():
+    """The same router over 8 sequences: capacity per sequence drops more token-slots than
+    the same capacity factor over the whole batch (the load evens out over more tokens)."""
+    x = activations(shape=(8, 12, SMALL["d_model"]))
+    dropped = {}
+    for group in (None, 96):
+        layer = MoE(moe_cfg(capacity_factor=1.0, top_k=1, group_size=group), rngs=nnx.Rngs(0))
+        dropped[group] = float(layer(x)[1].dropped_fraction)
+    assert dropped[96] < dropped[None]
 
 
 def test_one_expert_top_1_dropless_is_the_dense_ffn():
@@ -135,7 +166,9 @@ def test_moe_config_validation_names_the_field():
     for bad, field in ((dict(top_k=3, n_experts=2), "top_k"), (dict(n_experts=0), "n_experts"),
                        (dict(every=0), "every"), (dict(capacity_factor=0.0), "capacity_factor"),
                        (dict(aux_loss_coef=-1.0), "aux_loss_coef"), (dict(top_k=1.5), "top_k"),
-                       (dict(router_init_scale=0), "router_init_scale")):
+                       (dict(router_init_scale=0), "router_init_scale"),
+                       (dict(group_size=0), "group_size"),
+                       (dict(group_size=8, capacity_factor=None), "group_size")):
         with pytest.raises(ValueError, match=f"MoEConfig.{field}"):
             MoEConfig(**bad)
     with pytest.raises(ValueError, match="ModelConfig.moe"):
@@ -149,9 +182,10 @@ def test_config_with_moe_round_trips_through_json():
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
-@pytest.mark.parametrize("capacity_factor", [None, 1.0])
-def test_gradients_reach_the_router_and_every_expert(capacity_factor):
-    model = Transformer(moe_cfg(capacity_factor=capacity_factor), rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("capacity_factor,group_size", [(None, None), (1.0, None), (1.0, 22)])
+def test_gradients_reach_the_router_and_every_expert(capacity_factor, group_size):
+    model = Transformer(moe_cfg(capacity_factor=capacity_factor, group_size=group_size),
+                        rngs=nnx.Rngs(0))
     x = tokens(shape=(4, 12))
 
     def loss_fn(m):
@@ -236,3 +270,11 @@ def test_cli_overrides_set_moe_fields():
     assert parse_overrides(["model.moe=null"], cfg, tc)[0].moe is None
     with pytest.raises(ValueError, match="MoEConfig.top_k"):
         parse_overrides(["model.moe.top_k=8"], cfg, tc)
+
+
+def test_a_group_size_that_does_not_divide_the_batch_is_refused_before_tracing():
+    cfg = moe_cfg(group_size=100)
+    with pytest.raises(ValueError, match="MoEConfig.group_size=100 .*batch_size=4 x seq_len=64 = 256"):
+        TrainConfig(batch_size=4, seq_len=64).check_moe_groups(cfg)
+    TrainConfig(batch_size=4, seq_len=64).check_moe_groups(moe_cfg(group_size=128))  # divides
+    TrainConfig(batch_size=4, seq_len=64).check_moe_groups(moe_cfg(group_size=512))  # one group
