@@ -87,6 +87,9 @@ def moe_run(E, seed, losses):
     model = dict(n_layers=2, d_model=64, d_ff=256,
                  moe=None if E == 1 else dict(n_experts=E, top_k=1))
     history = [dict(tokens=1000 * (i + 1), val_loss=v) for i, v in enumerate(losses)]
+    if E > 1:
+        history[-1]["dropped_fraction"] = 0.01 * E  # the last value is the one shown
+        history[0]["dropped_fraction"] = 0.5
     return dict(model=model, seed=seed, history=history, val_loss=losses[-1])
 
 
@@ -102,6 +105,7 @@ def test_expert_sweep_draws_loss_against_experts_and_the_speedup():
     (means,) = [line for line in ax_e.lines if line.get_label() == "mean over seeds"]
     assert list(means.get_xdata()) == [1, 2, 4]
     assert list(means.get_ydata()) == pytest.approx([2.41, 2.31, 2.21])
+    assert [t.get_text() for t in ax_e.texts] == ["2.0% dropped", "4.0% dropped"]
     title = fig.get_suptitle()
     assert "E=2: -0.100 nats [-0.100, -0.100]" in title and "E=4: -0.200 nats" in title
     # Dense ends at 2.41; E=4's mean curve (…, 2.41 at 3000, 2.21 at 4000) reaches it at

@@ -16,6 +16,7 @@ def run(model: dict, seed: int, losses: list[float], flops_per_token: float, loa
     if load is not None:
         history[0]["expert_load"] = [0.25] * 4  # an earlier interval: not the final load
         history[-1]["expert_load"] = load
+        history[-1]["dropped_fraction"] = 0.01 * (seed + 1)
     return dict(model=model, seed=seed, history=history, val_loss=losses[-1],
                 flops_per_token=flops_per_token)
 
@@ -48,6 +49,7 @@ def test_plotted_series_are_the_seed_means_of_the_rows():
     assert [b.get_height() for b in ax_load.patches] == pytest.approx([0.35, 0.3, 0.2, 0.15])
     (uniform,) = [c for c in ax_load.collections if c.get_label() == "uniform 1/E"]
     assert uniform.get_segments()[0][:, 1] == pytest.approx([0.25, 0.25])
+    assert ax_load.get_title() == "dropped token-slots at the end: 1.5%"  # mean of 1% and 2%
     title = fig.get_suptitle()
     assert "-0.500 nats" in title and "MoE better" in title
     plt.close(fig)

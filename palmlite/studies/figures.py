@@ -187,12 +187,13 @@ def _seed_band(runs: list[dict], key: str) -> tuple[list, list, list, list]:
 def _expert_load_bars(ax, groups: dict[str, list[dict]]) -> None:
     """Bars: each MoE's final load per expert, most loaded first (mean over seeds,
     min..max); dotted: the uniform share 1/E that the balancing loss pushes towards."""
-    x0, ticks, ranks = 0, [], []
+    x0, ticks, ranks, dropped = 0, [], [], []
     for i, (label, runs) in enumerate(groups.items()):
         if runs[0]["model"]["moe"] is None:
             continue
-        loads = [sorted([h for h in run["history"] if "expert_load" in h][-1]["expert_load"],
-                        reverse=True) for run in runs]
+        last = [[h for h in run["history"] if "expert_load" in h][-1] for run in runs]
+        loads = [sorted(h["expert_load"], reverse=True) for h in last]
+        dropped += [h["dropped_fraction"] for h in last if "dropped_fraction" in h]
         by_rank = list(zip(*loads))  # [E][seeds]
         mean = [statistics.mean(v) for v in by_rank]
         x = list(range(x0, x0 + len(mean)))
@@ -206,6 +207,8 @@ def _expert_load_bars(ax, groups: dict[str, list[dict]]) -> None:
         x0 += len(mean) + 1
     ax.set_xticks(ticks, ranks, fontsize=6)
     ax.set_xlabel("experts, most to least loaded"); ax.set_ylabel("share of routed token-slots")
+    if dropped:  # over capacity: these token-slots skipped their expert's FFN
+        ax.set_title(f"dropped token-slots at the end: {statistics.mean(dropped):.1%}", fontsize=8)
     ax.legend(fontsize=7)
 
 
@@ -252,6 +255,12 @@ def expert_sweep(rows: list[dict], fig, varied: list[str]) -> None:
         ax_e.plot([e] * len(by_seed), list(by_seed.values()), "k.", ms=4, alpha=0.5)
     means = [_mean(v) for v in finals.values()]
     ax_e.plot(list(finals), means, "o-", color="tab:blue", label="mean over seeds")
+    for e, mean in zip(finals, means):  # capacity overflow: fewer FLOPs than the dense twin
+        dropped = [h["dropped_fraction"] for run in by_e[e]
+                   for h in [h for h in run["history"] if "dropped_fraction" in h][-1:]]
+        if e > 1 and dropped:
+            ax_e.annotate(f"{statistics.mean(dropped):.1%} dropped", (e, mean), textcoords="offset points",
+                          xytext=(0, 8), ha="center", fontsize=6)
     ax_e.set_xscale("log", base=2)
     ax_e.set_xticks(list(finals), [str(e) for e in finals])
     ax_e.set_xlabel("experts E (1 = dense; equal active FLOPs per token)")
