@@ -45,12 +45,14 @@ class Study:
     path: Path
 
     def points(self) -> list[dict[str, Any]]:
-        """Every grid point's parameters (fixed ones included), in a stable order."""
+        """Every grid point's parameters (fixed ones included), in a stable order: the whole
+        grid at the first seed, then at the next, so that a sweep's workers compile each
+        shape once and its other seeds find it in the compilation cache."""
         names = list(self.product)
         combos = [dict(zip(names, values)) for values in itertools.product(*self.product.values())]
         zipped = [dict(zip(self.zipped, values)) for values in zip(*self.zipped.values())] or [{}]
         return [{**self.parameters, **c, **z, "seed": s}
-                for c in combos for z in zipped for s in self.seeds]
+                for s in self.seeds for c in combos for z in zipped]
 
     def varied(self) -> list[str]:
         return [*self.product, *self.zipped, "seed"]
