@@ -71,7 +71,7 @@ def _sweep(args) -> int:
 
 def _figures(args) -> None:
     from palmlite.studies import draw_figures
-    for path in draw_figures(args.study):
+    for path in draw_figures(args.study, parts=args.part):
         print(f"figure {path}")
 
 
@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--dry-run", action="store_true", help="list the points and what is done")
     f = sub.add_parser("figures", help="redraw a study's figures from its results (no training)")
     f.add_argument("study", help="a study spec, e.g. studies/quick.yaml")
+    f.add_argument("--part", action="append", default=[], metavar="NAME",
+                   help="only this part's figures (repeatable)")
     args = parser.parse_args(argv)
     try:
         if args.command == "presets":

@@ -152,6 +152,20 @@ def test_only_must_name_a_parameter_of_some_part(tmp_path, capsys):
         run_study(spec, only=["z=1"], dry_run=True, root=tmp_path)
 
 
+def test_part_selects_parts_by_name(tmp_path, capsys):
+    from palmlite.studies import draw_figures
+    spec = make_study(tmp_path, SUITE)
+    assert run_study(spec, parts=["two"], dry_run=True, root=tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "study two: 1 points" in out and "study one" not in out
+    for call in (lambda: run_study(spec, parts=["three"], dry_run=True, root=tmp_path),
+                 lambda: draw_figures(spec, root=tmp_path, parts=["three"])):
+        with pytest.raises(ValueError, match=r"--part 'three' .* its parts: \['one', 'two'\]"):
+            call()
+    with pytest.raises(FileNotFoundError, match="two.jsonl"):  # only the named part is read
+        draw_figures(spec, root=tmp_path, parts=["two"])
+
+
 def test_figures_are_redrawn_from_results_alone(tmp_path):
     from palmlite.studies import draw_figures
     spec = make_study(tmp_path, SUITE)

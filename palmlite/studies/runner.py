@@ -116,21 +116,27 @@ def run_study(spec: str | Path, *, workers: int = 1, only: list[str] = (), dry_r
               root: str | Path = ".", parts: list[str] = (), reuse_kernel: bool = True) -> int:
     """Run the pending points of a study (each part in turn, or only the named ``parts``);
     returns the failed count."""
-    studies = load_studies(spec)
-    names = [study.name for study in studies]
-    unknown = [p for p in parts if p not in names]
-    if unknown:
-        raise ValueError(f"--part {unknown[0]!r} is not a part of {str(spec)!r}; its parts: {names}")
-    studies = [study for study in studies if not parts or study.name in parts]
+    studies = _select_parts(spec, parts)
     _check_only(studies, only)
     return sum(_run_one(study, workers, only, dry_run, Path(root), reuse_kernel)
                for study in studies)
 
 
-def draw_figures(spec: str | Path, root: str | Path = ".") -> list[Path]:
-    """Regenerate a study's figures from its results files alone (no training)."""
+def _select_parts(spec: str | Path, parts: list[str]) -> list[Study]:
+    """The spec's parts, or only those named (``--part``; an unknown name raises)."""
+    studies = load_studies(spec)
+    names = [study.name for study in studies]
+    unknown = [p for p in parts if p not in names]
+    if unknown:
+        raise ValueError(f"--part {unknown[0]!r} is not a part of {str(spec)!r}; its parts: {names}")
+    return [study for study in studies if not parts or study.name in parts]
+
+
+def draw_figures(spec: str | Path, root: str | Path = ".", parts: list[str] = ()) -> list[Path]:
+    """Regenerate a study's figures (or its named ``parts``') from its results files alone
+    (no training)."""
     written = []
-    for study in load_studies(spec):
+    for study in _select_parts(spec, parts):
         results_path = Path(root) / "studies" / "results" / f"{study.name}.jsonl"
         if not results_path.exists():
             raise FileNotFoundError(f"no results for study {study.name!r}: {str(results_path)!r} "

@@ -110,6 +110,14 @@ def isoflop(rows: list[dict], fig, varied: list[str]) -> None:
     fig.suptitle(_isoflop_verdict(budgets, fit, missing), fontsize=9)
 
 
+def _sparse_minor_labels(axis) -> None:
+    """A log axis spanning about a decade: label 2x and 5x only, so labels never overlap."""
+    from matplotlib import ticker
+    axis.set_minor_locator(ticker.LogLocator(subs=(2.0, 5.0)))
+    axis.set_minor_formatter(ticker.LogFormatterSciNotation(labelOnlyBase=False,
+                                                            minor_thresholds=(3, 3)))
+
+
 def _isoflop_profiles(ax, points: dict, budgets: list[dict]) -> None:
     """Left panel: one colour per budget, runs averaged over seeds, parabola and minimum."""
     import numpy as np
@@ -132,6 +140,7 @@ def _isoflop_profiles(ax, points: dict, budgets: list[dict]) -> None:
             ax.plot(b["N_opt"], b["min_loss"], "*", ms=12, color=color,
                     mfc=color if b["used"] else "none")
     ax.set_xscale("log")
+    _sparse_minor_labels(ax.xaxis)
     ax.set_xlabel("N: total parameters (Chinchilla; Pearce & Song 2024)")
     ax.set_ylabel("final validation loss (nats/token)")
     ax.legend(fontsize=7, title="budget C (FLOPs): parabola in ln N, ★ its minimum",
