@@ -1,8 +1,10 @@
 """The results file of a study: one JSON line per grid point, rewritten atomically.
 
-Only the sweep's parent process writes it, and every write replaces the whole file by
-rename, so a killed sweep leaves either the old or the new file, never half a line. A
-point appears at most once: a re-run replaces its line (a failure retried, for example).
+Every write replaces the whole file by rename, so a killed sweep leaves either the old or
+the new file, never half a line. Writers take a lock file beside it (``filelock``) for the
+read-modify-rename, so sweeps of one study running at once (on one machine, or on several
+that share the folder) lose no rows. A point appears at most once: a re-run replaces its
+line (a failure retried, for example).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
+from filelock import FileLock
 
 from palmlite.files import atomic_write_text
 
@@ -23,8 +27,11 @@ def read_results(path: str | Path) -> list[dict]:
 
 def write_result(path: str | Path, row: dict) -> None:
     """Insert or replace ``row`` (by its ``point`` key), keeping the others in order."""
-    rows = [r for r in read_results(path) if r["point"] != row["point"]] + [row]
-    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{path}.lock", timeout=600):
+        rows = [r for r in read_results(path) if r["point"] != row["point"]] + [row]
+        atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
 def record(metrics: dict, result_path: str | os.PathLike | None = None) -> dict:
