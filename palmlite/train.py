@@ -5,7 +5,7 @@
 
 The step is a pure function of (state, batch), compiled once per config: forward, loss +
 z-loss (PaLM §5), gradients, optax update. It never syncs with the host; the loop reads
-metrics back only every ``log_every`` steps. A non-finite loss skips its update (the
+metrics back only every ``log_every`` steps. A non-finite loss or update skips it (the
 parameters stay as they were) and is reported, with its step, at the next sync.
 
 ``TrainConfig.mesh`` (e.g. ``"data=2,tensor=4"``) runs the same step on a device mesh
@@ -145,8 +145,10 @@ def make_train_step(graphdef, tx, z_loss_coef: float, state_sharding=None, batch
         (loss, metrics), grads = loss_and_grads(graphdef, state["params"], batch_BxT1, z_loss_coef)
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = jax.tree.map(lambda p, u: p + u.astype(p.dtype), state["params"], updates)
-        finite = jnp.isfinite(loss)
-        # NaN/Inf guard: keep the old state, remember the first bad step.
+        # NaN/Inf guard: a step whose loss, or whose updated parameters or optimizer state,
+        # is not finite (a finite loss can still blow the parameters up: a huge learning
+        # rate) keeps the old state; the first bad step is remembered.
+        finite = jnp.isfinite(loss) & _all_finite(params) & _all_finite(opt)
         apply = finite & active
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)
         new_state = dict(params=keep(params, state["params"]), opt=keep(opt, state["opt"]),
@@ -337,8 +339,8 @@ class _Loop:
         if bad >= 0:
             kept = self.ckpt.steps()[-1:] if self.ckpt else []
             raise FloatingPointError(
-                f"non-finite loss at step {bad}: training stopped (no update was applied "
-                f"from that step on). Last good checkpoint kept: "
+                f"non-finite loss or update at step {bad}: training stopped (no update was "
+                f"applied from that step on). Last good checkpoint kept: "
                 f"{f'step {kept[0]}' if kept else 'none'}.")
 
     def _checkpoint(self, state, done: int) -> None:
@@ -348,6 +350,13 @@ class _Loop:
         t0 = time.perf_counter()
         self.ckpt.save(done, state, dict(step=done, tokens=done * self.tc.batch_size * self.tc.seq_len))
         self.seconds["checkpoint"] += time.perf_counter() - t0
+
+
+def _all_finite(tree) -> jax.Array:
+    """Whether every floating-point leaf of ``tree`` is finite everywhere (one bool)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves \
+        else jnp.bool_(True)
 
 
 def _per_step(calls: list[tuple[int, int, dict]]) -> list[dict]:

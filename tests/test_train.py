@@ -13,7 +13,8 @@ from palmlite import train as train_module
 from palmlite.config import TrainConfig, parse_overrides
 from palmlite.data import Batches
 from palmlite.schedules import make_schedule
-from palmlite.train import load_run, train
+from palmlite.checkpoint import Checkpointer
+from palmlite.train import init_state, load_run, train
 
 MODEL = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=32)
 
@@ -114,6 +115,23 @@ def test_nan_guard_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
         train(MODEL, config(corpus, checkpoint_every=5, log_every=5), out=tmp_path / "run")
     steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == 5
+
+
+@pytest.mark.parametrize("changes", [
+    dict(optimizer="sgd", lr=1e30, grad_clip=0.0),  # a finite loss, then infinite parameters
+    dict(lr=1e30, warmup_steps=0, grad_clip=0.0, weight_decay=1e30),
+])
+def test_nan_guard_refuses_an_update_that_makes_the_parameters_non_finite(corpus, tmp_path,
+                                                                          changes):
+    """Issue 13: the guard looked only at the loss, so a step whose loss was finite but
+    whose update made the parameters inf/NaN was checkpointed and called "last good"."""
+    with pytest.raises(FloatingPointError, match=r"non-finite loss or update at step \d"):
+        train(MODEL, config(corpus, checkpoint_every=1, log_every=1, steps=6, **changes),
+              out=tmp_path / "run")
+    target = init_state(MODEL.replace(vocab_size=259), config(corpus, **changes))[3]
+    restored = Checkpointer(tmp_path / "run" / "checkpoints", keep=3).restore_latest(target)
+    if restored is not None:  # whatever was saved is finite
+        assert all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(restored[1]["params"]))
 
 
 def _poison_on_marker(loss):
