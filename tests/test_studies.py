@@ -220,6 +220,56 @@ def test_a_killed_sweep_loses_nothing_and_duplicates_nothing(tmp_path):
     assert {r["metrics"]["y"] for r in rows} == {1, 2, 3}
 
 
+@pytest.mark.slow
+def test_workers_and_kernels_die_with_a_killed_sweep(tmp_path):
+    """kill -9 of the sweep process alone (not its group): its worker and the worker's kernel
+    exit too, instead of finishing the point and taking the next (issue 13)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("x = 1\nseed = 0\nresult_path = None")
+    params.metadata["tags"] = ["parameters"]
+    body = nbformat.v4.new_code_cell(
+        "import os, time\nfrom pathlib import Path\n"
+        f"Path({str(tmp_path)!r}, f'pid{{x}}').write_text(f'{{os.getpid()}} {{os.getppid()}}')\n"
+        "time.sleep(600 if x == 1 else 0)")
+    nb.cells = [params, body]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "nb.ipynb")
+    (tmp_path / "study.yaml").write_text("name: d\nnotebook: nb.ipynb\ngrid: {product: {x: [1, 2]}}\n")
+    sweep = subprocess.Popen([sys.executable, "-m", "palmlite.cli", "sweep", "study.yaml"],
+                             cwd=tmp_path, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "pid1").exists():
+        assert time.time() < deadline and sweep.poll() is None, "the first point never started"
+        time.sleep(0.2)
+    kernel, worker = map(int, (tmp_path / "pid1").read_text().split())
+    os.kill(sweep.pid, signal.SIGKILL)
+    sweep.wait()
+    deadline = time.time() + 30
+    while any(_alive(pid) for pid in (kernel, worker)) and time.time() < deadline:
+        time.sleep(0.2)
+    alive = [pid for pid in (kernel, worker) if _alive(pid)]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "the worker or its kernel outlived the sweep"
+    assert not (tmp_path / "pid2").exists()  # nobody took the next point
+
+
+def _alive(pid: int) -> bool:
+    import os
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie has exited
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
 @pytest.mark.parametrize("spec", sorted((Path(__file__).parent.parent / "studies").glob("*.yaml")),
                          ids=lambda p: p.stem)
 def test_every_shipped_study_sets_only_parameters_its_notebook_has(spec):

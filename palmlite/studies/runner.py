@@ -19,6 +19,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -91,10 +92,9 @@ def _reset_namespace(km) -> bool:
     """Empty the kernel's namespace (the previous point's variables, models and arrays)."""
     kc = km.client()
     try:
-        kc.start_channels()
-        kc.wait_for_ready(timeout=60)
-        reply = kc.execute_interactive("%reset -f\nimport gc; gc.collect()", timeout=60,
-                                       output_hook=lambda msg: None)
+        kc.start_channels()  # the kernel is known to be up: no wait_for_ready (0.2 s)
+        reply = kc.execute_interactive("%reset -f\nimport gc as _gc; _gc.collect(); del _gc",
+                                       timeout=60, output_hook=lambda msg: None)
         return reply["content"]["status"] == "ok"
     except Exception:  # noqa: BLE001 - a kernel that cannot reset is replaced
         return False
@@ -163,9 +163,9 @@ def _run_one(study: Study, workers: int, only: list[str], dry_run: bool, root: P
     failed = 0
     # Spawned, not forked: a fork of a process that has started JAX's threads can deadlock.
     spawn = multiprocessing.get_context("spawn")
-    pin = (_pin_worker, (spawn.Value("i", 0), workers)) if workers > 1 else (None, ())
     with futures.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=spawn,
-                                     initializer=pin[0], initargs=pin[1]) as pool:
+                                     initializer=_init_worker,
+                                     initargs=(spawn.Value("i", 0), workers)) as pool:
         jobs = {}
         for p in pending:
             output = runs_dir / f"{study.key(p)}.ipynb"
@@ -188,6 +188,27 @@ def _run_one(study: Study, workers: int, only: list[str], dry_run: bool, root: P
     if failed:
         print(f"study {study.name}: {failed} point(s) failed; see their notebooks in {runs_dir}")
     return failed
+
+
+def _init_worker(counter, workers: int) -> None:
+    """A worker dies with its sweep, and (several workers) gets its own cores."""
+    _die_with_parent()
+    if workers > 1:
+        _pin_worker(counter, workers)
+
+
+def _die_with_parent() -> None:
+    """If the sweep's process is killed (even ``kill -9``), stop this worker's kernel and
+    exit: an orphaned worker would finish its point and take the next, running points twice
+    beside a re-run."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        _stop_worker_kernel()
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="palmlite-parent-watch").start()
 
 
 def _pin_worker(counter, workers: int) -> None:
