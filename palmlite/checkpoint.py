@@ -3,7 +3,10 @@
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
 run killed mid-save leaves the previous checkpoint intact and the half-written one is never
 listed. If the newest checkpoint is unreadable anyway (a damaged disk, a file removed by
-hand), ``restore_latest`` warns and falls back to the next older one.
+hand), ``restore_latest`` warns and falls back to the next older one; when resuming, the
+damaged step is moved aside into ``<run>/checkpoints-damaged/`` (kept for inspection, no
+longer listed), so the run can save that step again. If checkpoints exist but none is
+readable, it raises rather than let a resume silently start again from step 0.
 
 Arrays sharded over a device mesh are saved shard by shard, and restored onto whatever
 shardings the target carries: a run saved on one mesh resumes on another (``palmlite.sharding``).
@@ -11,6 +14,8 @@ shardings the target carries: a run saved on one mesh resumes on another (``palm
 
 from __future__ import annotations
 
+import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -33,28 +38,53 @@ class Checkpointer:
         self.manager.save(step, args=args, force=True)
         self.manager.wait_until_finished()
 
-    def restore_latest(self, target: Any) -> tuple[int, Any, dict] | None:
+    def restore_latest(self, target: Any, move_damaged: bool = False
+                       ) -> tuple[int, Any, dict] | None:
         """(step, state, meta) of the newest readable checkpoint, or None if there is none.
 
         ``target`` (arrays or ShapeDtypeStructs) gives the structure, and the shardings to
         restore onto; a leaf without one goes to the default device (orbax would otherwise
-        reuse the saved layout, whose devices this process may not have).
+        reuse the saved layout, whose devices this process may not have). ``move_damaged``
+        (a resume, which will save again): unreadable steps are moved aside. Raises
+        ``FileNotFoundError`` when there are checkpoints and none of them is readable.
         """
         one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None else
                               jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device), target)
+        damaged = []
         for step in reversed(self.steps()):
             args = ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                       meta=ocp.args.JsonRestore())
             try:
                 restored = self.manager.restore(step, args=args)
             except Exception as e:  # noqa: BLE001 - any failure means "not usable"
-                warnings.warn(f"checkpoint at step {step} in {self.manager.directory} is "
-                              f"unreadable ({type(e).__name__}: {e}); trying an older one",
+                where = self._move_aside(step) if move_damaged else None
+                damaged.append(step)
+                warnings.warn(f"checkpoint at step {step} in {self.directory} is unreadable "
+                              f"({type(e).__name__}: {str(e)[:200]})"
+                              f"{f'; moved to {where}' if where else ''}; trying an older one",
                               RuntimeWarning, stacklevel=2)
                 continue
             return step, restored["state"], restored["meta"]
+        if damaged:
+            raise FileNotFoundError(
+                f"no readable checkpoint in {self.directory}: steps {sorted(damaged)} are all "
+                "damaged (see the warnings above). Start a new run (another --out), or delete "
+                "the run directory to start this one again from step 0")
         return None
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.manager.directory)
+
+    def _move_aside(self, step: int) -> Path:
+        """Move a damaged step out of the listed checkpoints, keeping it for inspection."""
+        aside = self.directory.parent / f"{self.directory.name}-damaged"
+        aside.mkdir(exist_ok=True)
+        dest = aside / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"
+        shutil.move(str(self.directory / str(step)), dest)
+        self.manager.reload()
+        return dest
 
     def close(self) -> None:
         self.manager.close()

@@ -207,7 +207,8 @@ def train(model: ModelConfig | str = "small", config: TrainConfig | None = None,
     ckpt = Checkpointer(run_dir / "checkpoints", tc.keep_checkpoints) if run_dir else None
     start = 0
     if ckpt is not None and resume:
-        restored = ckpt.restore_latest(state)  # onto this run's mesh, whatever it was saved on
+        # onto this run's mesh, whatever it was saved on; damaged steps are moved aside
+        restored = ckpt.restore_latest(state, move_damaged=True)
         if restored is not None:
             start, state, _ = restored
     info = _run_info(cfg, tc, tokenizer, corpus, train_ds, val_ds)

@@ -103,6 +103,26 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(corpus, tmp_path):
     assert tokenizer.vocab_size == 259 and model.cfg.vocab_size == 259
 
 
+def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes(corpus, tmp_path):
+    """Issue 13: resuming fell back to step 20, retrained, then failed on every attempt with
+    "Checkpoint for step 40 already exists". The damaged step is moved aside and kept."""
+    run = tmp_path / "run"
+    train(MODEL, config(corpus), out=run)
+    shutil.rmtree(run / "checkpoints" / "40" / "state")
+    with pytest.warns(RuntimeWarning, match="step 40 .* moved to"):
+        result = train(MODEL, config(corpus, steps=60), out=run, resume=True)
+    assert result.metrics[-1]["step"] == 60
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == \
+        ["40", "60"]  # keep_checkpoints=2
+    (kept,) = (run / "checkpoints-damaged").iterdir()
+    assert kept.name.startswith("40-")
+    for step in ("40", "60"):  # every checkpoint damaged: a clear error, no restart
+        shutil.rmtree(run / "checkpoints" / step / "state")
+    with pytest.warns(RuntimeWarning), pytest.raises(FileNotFoundError,
+                                                     match="no readable checkpoint"):
+        train(MODEL, config(corpus, steps=80), out=run, resume=True)
+
+
 def test_nan_guard_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
         corpus, tmp_path, monkeypatch):
     # Inject a NaN at step 7: a batch marked with -1 tokens makes the loss non-finite.
