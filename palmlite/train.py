@@ -194,7 +194,9 @@ def train(model: ModelConfig | str = "small", config: TrainConfig | None = None,
         cfg, tc = _prepare_run_dir(run_dir, cfg, tc, resume)
 
     corpus = load_corpus(tc.corpus)
+    _same_data_as_saved(run_dir if resume else None, "corpus", corpus)
     tokenizer = get_tokenizer(tc.tokenizer, corpus)
+    _same_data_as_saved(run_dir if resume else None, "tokenizer", tokenizer)
     cfg = cfg.replace(vocab_size=tokenizer.vocab_size, max_seq_len=max(cfg.max_seq_len, tc.seq_len),
                       **dtypes)
     split = dict(val_fraction=tc.val_fraction, seed=tc.split_seed)
@@ -411,6 +413,20 @@ def _prepare_run_dir(run_dir: Path, cfg: ModelConfig, tc: TrainConfig, resume: b
                          f"{sorted(changed - RESUMABLE_CHANGES)}; only {sorted(RESUMABLE_CHANGES)} "
                          "may change")
     return ModelConfig.from_dict(saved["model"]), tc
+
+
+def _same_data_as_saved(run_dir: Path | None, kind: str, now) -> None:
+    """A resumed run must see the corpus and tokenizer it was trained on: new token ids
+    under old embeddings would train on silently (``now``: a Corpus or a tokenizer)."""
+    if run_dir is None:
+        return
+    saved = json.loads((run_dir / "config.json").read_text())["data"][kind]
+    current = now.to_dict()
+    if saved["fingerprint"] != current["fingerprint"]:
+        raise ValueError(
+            f"cannot resume {str(run_dir)!r}: its {kind} was {saved['name']!r} (fingerprint "
+            f"{saved['fingerprint'][:12]}) and is now {current['name']!r} (fingerprint "
+            f"{current['fingerprint'][:12]}); resume with the run's data, or start a new run")
 
 
 def _run_info(cfg, tc, tokenizer, corpus, train_ds, val_ds) -> dict:

@@ -2,6 +2,7 @@ import json
 import math
 import shutil
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -121,6 +122,18 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes(corpus, 
     with pytest.warns(RuntimeWarning), pytest.raises(FileNotFoundError,
                                                      match="no readable checkpoint"):
         train(MODEL, config(corpus, steps=80), out=run, resume=True)
+
+
+def test_resume_refuses_a_changed_corpus_naming_both_fingerprints(corpus, tmp_path):
+    """Issue 13: a changed corpus directory was retrained on under the old embeddings."""
+    run = tmp_path / "run"
+    train(MODEL, config(corpus), out=run)
+    before = (run / "config.json").read_text()
+    (Path(corpus) / "00.txt").write_text("a different document. " * 30)
+    saved = json.loads(before)["data"]["corpus"]["fingerprint"][:12]
+    with pytest.raises(ValueError, match=f"its corpus was .*{saved}.* is now .*fingerprint"):
+        train(MODEL, config(corpus, steps=60), out=run, resume=True)
+    assert (run / "config.json").read_text() == before  # nothing overwritten
 
 
 def test_nan_guard_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
