@@ -70,6 +70,10 @@ def get_tokenizer(spec: str, corpus: Corpus):
     return tokenizer.load(spec)
 
 
+CHECKSUM_FULL_BYTES = 256 * 2**20  # token caches up to this size are hashed whole (~0.4 s)
+CHECKSUM_BLOCKS = 64  # larger ones: this many 1 MiB blocks, evenly spaced, and the size
+
+
 class TokenDataset:
     """One split of a corpus as a flat token array (documents joined by EOS), memory-mapped."""
 
@@ -100,9 +104,29 @@ class TokenDataset:
         same = all(saved.get(k) == v for k, v in self.meta.items())
         sized = self.path.exists() and self.path.stat().st_size == saved.get("n_tokens", -1) * \
             self.dtype.itemsize
-        if same and sized:
+        # The content too (a same-size file of zeros, an edited n_bytes or n_tokens): rebuilt.
+        ok = same and sized and saved.get("checksum") == self._checksum(saved["n_tokens"],
+                                                                         saved.get("n_bytes"))
+        if ok:
             self.n_bytes = saved["n_bytes"]
-        return same and sized
+        return ok
+
+    def _checksum(self, n_tokens: int, n_bytes: int) -> str:
+        """SHA-256 of the counts and the token file: all of it up to CHECKSUM_FULL_BYTES,
+        else CHECKSUM_BLOCKS evenly spaced blocks of up to 1 MiB (and the size, via the
+        counts)."""
+        digest = hashlib.sha256(f"{n_tokens},{n_bytes}".encode())
+        size = self.path.stat().st_size
+        block = max(1, min(2**20, size // CHECKSUM_BLOCKS))
+        with open(self.path, "rb") as f:
+            if size <= CHECKSUM_FULL_BYTES:
+                for chunk in iter(lambda: f.read(2**24), b""):
+                    digest.update(chunk)
+            else:
+                for offset in np.linspace(0, size - block, CHECKSUM_BLOCKS).astype(np.int64):
+                    f.seek(int(offset))
+                    digest.update(f.read(block))
+        return digest.hexdigest()
 
     def _load(self) -> np.memmap:
         return np.memmap(self.path, dtype=self.dtype, mode="r")
@@ -119,6 +143,7 @@ class TokenDataset:
             flat.tofile(tmp)
         atomic_write_text(self.meta_path, json.dumps(
             {**self.meta, "n_tokens": int(flat.size), "n_bytes": self.n_bytes,
+             "checksum": self._checksum(int(flat.size), self.n_bytes),
              "tokenizer_name": self.tokenizer.name, "corpus_name": self.corpus.name}, indent=1))
         return self._load()
 

@@ -69,6 +69,36 @@ def test_corrupted_cache_is_rebuilt_never_read_as_garbage():
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.parametrize("damage", ["zeros", "truncated_and_recounted", "n_bytes_edited"])
+def test_a_cache_damaged_behind_its_size_check_is_rebuilt(damage, monkeypatch):
+    """Issue 13: the cache was trusted on its size and JSON. A same-size file of zeros, a
+    truncated file with a matching n_tokens, or an edited n_bytes (which scales every
+    bits/byte figure) are caught by the stored checksum and rebuilt. The sampled-block
+    checksum of large caches (forced here with a tiny threshold) catches the zeros too."""
+    import json
+
+    import palmlite.data as data
+    if damage == "zeros":
+        monkeypatch.setattr(data, "CHECKSUM_FULL_BYTES", 16)
+    corpus = Corpus("c", DOCS * 30)
+    good = TokenDataset(corpus, CountingBytes())
+    tokens, n_bytes, path = np.asarray(good.tokens).copy(), good.n_bytes, good.path
+    meta = json.loads(path.with_suffix(".json").read_text())
+    if damage == "zeros":
+        path.write_bytes(bytes(path.stat().st_size))
+    elif damage == "truncated_and_recounted":
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size // 2)
+        meta["n_tokens"] //= 2
+    else:
+        meta["n_bytes"] *= 2
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    again = TokenDataset(corpus, CountingBytes())
+    assert CountingBytes.calls == 2  # rebuilt
+    np.testing.assert_array_equal(np.asarray(again.tokens), tokens)
+    assert again.n_bytes == n_bytes
+
+
 def test_batches_are_windows_of_the_data_without_replacement():
     ds = TokenDataset(Corpus("c", DOCS), ByteTokenizer())
     batches = ds.batches(batch_size=4, seq_len=16, seed=0)
