@@ -16,6 +16,7 @@ path, untouched.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import platform
@@ -180,7 +181,33 @@ def train(model: ModelConfig | str = "small", config: TrainConfig | None = None,
 
     ``out`` is the run directory (config.json, metrics.jsonl, checkpoints/); ``resume``
     continues the run found there bit-identically. Keyword overrides go to ``config``.
+    One trainer at a time per run directory: a second one gets a ``ValueError``.
     """
+    if out is None:
+        return _train(model, config, None, resume, overrides)
+    with _run_lock(Path(out)):
+        return _train(model, config, Path(out), resume, overrides)
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path):
+    """Hold ``<run>/.lock`` while training (the OS releases it if the process dies)."""
+    from filelock import FileLock, Timeout
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ValueError(f"{str(run_dir)!r} is in use by another trainer (it holds "
+                         f"{str(run_dir / '.lock')!r}); wait for it, or train into another "
+                         "directory") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _train(model, config, run_dir: Path | None, resume: bool, overrides: dict) -> TrainResult:
     t_start, cache_before = time.perf_counter(), dict(COMPILATION_CACHE_COUNTS)
     cfg = presets.get(model) if isinstance(model, str) else model
     tc = (config or TrainConfig()).replace(**overrides)
@@ -189,7 +216,6 @@ def train(model: ModelConfig | str = "small", config: TrainConfig | None = None,
     mesh = None if tc.mesh is None else sharding.make_mesh(tc.mesh)  # checks the device count
     batch_sharding = None if mesh is None else \
         sharding.batch_sharding(mesh, (tc.batch_size, tc.seq_len + 1))  # and the batch size
-    run_dir = Path(out) if out is not None else None
     if run_dir is not None:
         cfg, tc = _prepare_run_dir(run_dir, cfg, tc, resume)
 

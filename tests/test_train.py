@@ -136,6 +136,27 @@ def test_resume_refuses_a_changed_corpus_naming_both_fingerprints(corpus, tmp_pa
     assert (run / "config.json").read_text() == before  # nothing overwritten
 
 
+def test_a_second_trainer_on_a_run_directory_in_use_gets_a_clear_error(corpus, tmp_path):
+    """Issue 13: two trainers on one --out interleaved metrics.jsonl and crashed in orbax."""
+    import subprocess
+    import sys
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom filelock import FileLock\n"
+        "lock = FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(60)"),
+        str(run / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match="in use by another trainer"):
+            train(MODEL, config(corpus), out=run)
+        assert not (run / "config.json").exists()  # nothing touched
+    finally:
+        holder.kill()
+        holder.wait()
+    train(MODEL, config(corpus, steps=20), out=run)  # released when its holder died
+
+
 def test_nan_guard_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
         corpus, tmp_path, monkeypatch):
     # Inject a NaN at step 7: a batch marked with -1 tokens makes the loss non-finite.
