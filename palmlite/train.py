@@ -183,10 +183,19 @@ def train(model: ModelConfig | str = "small", config: TrainConfig | None = None,
     continues the run found there bit-identically. Keyword overrides go to ``config``.
     One trainer at a time per run directory: a second one gets a ``ValueError``.
     """
-    if out is None:
-        return _train(model, config, None, resume, overrides)
+    t_start = time.perf_counter()
+    cfg = presets.get(model) if isinstance(model, str) else model
+    tc = (config or TrainConfig()).replace(**overrides)
+    dtypes = tc.model_dtypes(cfg)  # the precision sets the model's dtypes; a disagreement raises
+    tc.check_moe_groups(cfg)
+    mesh = None if tc.mesh is None else sharding.make_mesh(tc.mesh)  # checks the device count
+    batch_sharding = None if mesh is None else \
+        sharding.batch_sharding(mesh, (tc.batch_size, tc.seq_len + 1))  # and the batch size
+    setup = dict(dtypes=dtypes, mesh=mesh, batch_sharding=batch_sharding, t_start=t_start)
+    if out is None:  # everything above is checked before a run directory is touched
+        return _train(cfg, tc, None, resume, **setup)
     with _run_lock(Path(out)):
-        return _train(model, config, Path(out), resume, overrides)
+        return _train(cfg, tc, Path(out), resume, **setup)
 
 
 @contextlib.contextmanager
@@ -207,15 +216,9 @@ def _run_lock(run_dir: Path):
         lock.release()
 
 
-def _train(model, config, run_dir: Path | None, resume: bool, overrides: dict) -> TrainResult:
-    t_start, cache_before = time.perf_counter(), dict(COMPILATION_CACHE_COUNTS)
-    cfg = presets.get(model) if isinstance(model, str) else model
-    tc = (config or TrainConfig()).replace(**overrides)
-    dtypes = tc.model_dtypes(cfg)  # the precision sets the model's dtypes; a disagreement raises
-    tc.check_moe_groups(cfg)
-    mesh = None if tc.mesh is None else sharding.make_mesh(tc.mesh)  # checks the device count
-    batch_sharding = None if mesh is None else \
-        sharding.batch_sharding(mesh, (tc.batch_size, tc.seq_len + 1))  # and the batch size
+def _train(cfg: ModelConfig, tc: TrainConfig, run_dir: Path | None, resume: bool, *, dtypes,
+           mesh, batch_sharding, t_start: float) -> TrainResult:
+    cache_before = dict(COMPILATION_CACHE_COUNTS)
     if run_dir is not None:
         cfg, tc = _prepare_run_dir(run_dir, cfg, tc, resume)
 
