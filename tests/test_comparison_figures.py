@@ -1,6 +1,8 @@
 """The ablation dot plot, the expert sweep and the statistics they state, from synthetic
 results rows (no training)."""
 
+import json
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
@@ -125,7 +127,9 @@ def test_both_figures_draw_from_a_results_file(tmp_path):
     from palmlite.studies import load_study, read_results, write_result
     from palmlite.studies.figures import make_figures
     spec = tmp_path / "s.yaml"
-    (tmp_path / "nb.ipynb").write_text("{}")
+    (tmp_path / "nb.ipynb").write_text(json.dumps({"cells": [{
+        "cell_type": "code", "metadata": {"tags": ["parameters"]},
+        "source": "block = 'parallel'\nseed = 0\n"}]}))
     spec.write_text("name: s\nnotebook: nb.ipynb\ngrid: {product: {block: [parallel, serial]}}\n"
                     "seeds: [0, 1, 2]\nfigures: {ablation: abl, expert_sweep: experts}\n")
     study = load_study(spec)

@@ -9,7 +9,9 @@ from palmlite.studies import load_study, read_results, run_study, write_result
 
 def make_notebook(path):
     nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell("x = 1\nmode = 'a'\nseed = 0\nresult_path = None")
+    params = nbformat.v4.new_code_cell("x = 1\ny = 0\nmode = 'a'\nblock = 'parallel'\n"
+                                       "steps = 1\na = b = d = L = None\nseed = 0\n"
+                                       "result_path = None")
     params.metadata["tags"] = ["parameters"]
     body = nbformat.v4.new_code_cell(
         "from palmlite.studies import record\n"
@@ -360,3 +362,18 @@ def test_concurrent_writers_lose_no_rows(tmp_path):
     assert [w.wait(timeout=300) for w in writers] == [0, 0]
     points = [r["point"] for r in read_results(path)]
     assert sorted(points) == sorted(f"{n}{i}" for n in "ab" for i in range(200))
+
+
+@pytest.mark.parametrize("text, match", [
+    # A parameter name papermill would write into the notebook as code (issue 13).
+    ("name: s\nnotebook: nb.ipynb\nparameters: {\"x = 1\\nimport os\\n_y\": 0}\n",
+     "identifier"),
+    ("name: s\nnotebook: nb.ipynb\ngrid: {product: {stepz: [1, 2]}}\n",
+     "'stepz' is not set in the parameters cell"),  # a typo would run the defaults
+    ("name: /abs/path\nnotebook: nb.ipynb\n", "plain file name"),
+    ("name: ../up\nnotebook: nb.ipynb\n", "plain file name"),
+    ("name: s\nnotebook: nb.ipynb\nfigures: {ablation: ../../x}\n", "figures.ablation"),
+])
+def test_specs_cannot_run_code_or_write_outside_their_folders(tmp_path, text, match):
+    with pytest.raises(ValueError, match=match):
+        load_study(make_study(tmp_path, text))

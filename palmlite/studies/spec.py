@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import keyword
 import re
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,49 @@ def _parse(raw: dict, path: Path) -> Study:
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ValueError(f"{path}: 'seeds' must be a non-empty list of integers")
+    _check_file_names(path, raw["name"], figures)
+    _check_parameter_names(path, notebook, [*(raw.get("parameters") or {}), *product, *zipped])
     return Study(name=raw["name"], notebook=notebook, parameters=dict(raw.get("parameters") or {}),
                  product=product, zipped=zipped, seeds=seeds, figures=figures,
                  timeout_s=int(raw.get("timeout_s", 1800)), path=path)
+
+
+FILE_NAME = re.compile(r"[A-Za-z0-9][\w.+-]*")
+
+
+def _check_file_names(path: Path, name: str, figures: dict[str, str]) -> None:
+    """A study's name and its figures' names become file names under studies/ and figures/:
+    plain names only, so that no spec writes outside them."""
+    for field, value in [("name", name)] + [(f"figures.{f}", v) for f, v in figures.items()]:
+        if not FILE_NAME.fullmatch(value) or ".." in value:
+            raise ValueError(f"{path}: {field} {value!r} is invalid: expected a plain file name "
+                             "(letters, digits, _ . + -; no '/' or '..')")
+
+
+def _check_parameter_names(path: Path, notebook: Path, names: list) -> None:
+    """Papermill writes each parameter into the notebook as ``name = value``: a name must be
+    an identifier that the notebook's ``parameters`` cell assigns (anything else would run
+    as code, or be ignored while the point is recorded as if it had been set)."""
+    defined = notebook_parameters(notebook)
+    for name in names:
+        if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+            raise ValueError(f"{path}: parameter name {name!r} is invalid: expected a Python "
+                             "identifier")
+        if name not in defined:
+            raise ValueError(f"{path}: parameter {name!r} is not set in the parameters cell of "
+                             f"{notebook.name}; its parameters: {sorted(defined)}")
+
+
+def notebook_parameters(notebook: Path) -> set[str]:
+    """The names the notebook's cell tagged ``parameters`` assigns."""
+    import ast
+    import json
+    cells = json.loads(notebook.read_text()).get("cells", [])
+    sources = ["".join(c.get("source", "")) for c in cells
+               if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if not sources:
+        raise ValueError(f"{notebook}: no cell tagged 'parameters' (papermill needs one)")
+    tree = ast.parse(sources[0])
+    return {t.id for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.AnnAssign))
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+            if isinstance(t, ast.Name)}
