@@ -105,21 +105,22 @@ def init_state(cfg: ModelConfig, tc: TrainConfig, abstract: bool = False, mesh=N
     """(graphdef, schedule, optimizer, state): the state is a pytree of params, optimizer
     state, step and the first non-finite step (-1: none). ``abstract``: shapes only.
     ``mesh``: the state is created directly in its shards (no device ever holds it whole)."""
-    model = lambda: Transformer(cfg, rngs=nnx.Rngs(tc.seed))
-    graphdef = nnx.graphdef(nnx.eval_shape(model))
+    model = lambda key: Transformer(cfg, rngs=nnx.Rngs(key))
+    seed = jax.random.key(tc.seed)  # what nnx.Rngs(tc.seed) would make
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: model(seed)))
     schedule, tx = schedules.from_config(tc)
 
-    def make():
-        params = nnx.state(model())
+    def make(key):  # the key an argument, not a constant: one program for every seed
+        params = nnx.state(model(key))
         return dict(params=params, opt=tx.init(params), step=jnp.array(0, jnp.int32),
                     bad_step=jnp.array(-1, jnp.int32))
 
     if abstract:
-        return graphdef, schedule, tx, jax.eval_shape(make)
+        return graphdef, schedule, tx, jax.eval_shape(make, seed)
     if mesh is None:  # one compiled init (cached on disk), not one dispatch per parameter
-        return graphdef, schedule, tx, jax.jit(make)()
-    shardings = sharding.state_shardings(jax.eval_shape(make), mesh)
-    return graphdef, schedule, tx, jax.jit(make, out_shardings=shardings)()
+        return graphdef, schedule, tx, jax.jit(make)(seed)
+    shardings = sharding.state_shardings(jax.eval_shape(make, seed), mesh)
+    return graphdef, schedule, tx, jax.jit(make, out_shardings=shardings)(seed)
 
 
 def loss_and_grads(graphdef, params, batch_BxT1, z_loss_coef: float):
