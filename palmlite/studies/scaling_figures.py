@@ -182,6 +182,9 @@ def _isoflop_frontier(ax, budgets: list[dict], fit: dict | None, approach3: str)
         from matplotlib.ticker import NullFormatter
         ax.set_xscale("log"); ax.set_yscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())  # budgets within a decade: no clutter
+        sizes = [n for b in budgets for n in b["N_range"]]
+        if sizes:  # a wide band would squash the points: show the sampled sizes' span, ×4
+            ax.set_ylim(min(sizes) / 4, max(sizes) * 4)
     ax.set_xlabel("compute budget C = 6·N·D (FLOPs)"); ax.set_ylabel("N_opt (total parameters)")
     ax.legend(fontsize=7)
     ax.set_title("Compute-optimal size against budget", fontsize=9)
