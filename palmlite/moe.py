@@ -193,9 +193,12 @@ class MoE(nnx.Module):
 
 def moe_stats(stats: list[MoEStats]) -> dict[str, jax.Array]:
     """One forward's MoE statistics (``Transformer.forward``): aux and router-z losses summed
-    over the MoE layers (each layer's is a loss term), load and dropped fraction averaged."""
+    over the MoE layers (each layer's is a loss term), load and dropped fraction averaged,
+    and each layer's load (an average over layers can look balanced while every layer
+    overloads a different expert)."""
     n = len(stats)
     return dict(aux_loss=sum(s.aux_loss for s in stats),
                 router_z_loss=sum(s.router_z_loss for s in stats),
                 expert_load=sum(s.load_E for s in stats) / n,
+                expert_load_per_layer=jnp.stack([s.load_E for s in stats]),
                 dropped_fraction=sum(s.dropped_fraction for s in stats) / n)

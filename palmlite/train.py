@@ -352,7 +352,8 @@ class _Loop:
         if "expert_load" in got[-1]:  # a mixture of experts: interval means
             row.update({k: sum(float(m[k]) for m in got) / len(got)
                         for k in ("aux_loss", "router_z_loss", "dropped_fraction")},
-                       expert_load=(sum(m["expert_load"] for m in got) / len(got)).tolist())
+                       **{k: (sum(m[k] for m in got) / len(got)).tolist()
+                          for k in ("expert_load", "expert_load_per_layer")})
         if evaluate_now:
             t0 = time.perf_counter()
             ev = evaluate(nnx.merge(self.graphdef, state["params"]), self.val_ds, tc.seq_len,

@@ -183,8 +183,7 @@ def test_rematerialisation_changes_memory_not_gradients(remat):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("n_kv_heads", [1, 2])
-@pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.parametrize("position,n_kv_heads", [(p, 2) for p in POSITIONS] + [("rope", 1)])
 def test_blocked_attention_equals_jax_attention(position, n_kv_heads):
     """attention_impl="blocked" (query blocks of 5 over T = 12: the last block is short)
     computes JAX's causal attention: same logits and gradients, with left padding too."""

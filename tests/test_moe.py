@@ -241,7 +241,7 @@ def test_training_an_moe_logs_expert_load(tmp_path, monkeypatch):
     for i in range(6):
         (docs / f"{i}.txt").write_text("the cat sat on the mat. " * (20 + i))
     cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=32, max_seq_len=32,
-                      moe=MoEConfig(n_experts=4, top_k=2, every=2))
+                      moe=MoEConfig(n_experts=4, top_k=2, every=1))
     tc = TrainConfig(corpus=str(docs), tokenizer="bytes", steps=20, batch_size=4, seq_len=32,
                      log_every=10, eval_every=20, eval_batches=1, checkpoint_every=20, quiet=True,
                      val_fraction=0.2)
@@ -250,6 +250,9 @@ def test_training_an_moe_logs_expert_load(tmp_path, monkeypatch):
     assert [r["step"] for r in rows] == [10, 20]
     for row in rows:
         assert len(row["expert_load"]) == 4 and sum(row["expert_load"]) == pytest.approx(1.0)
+        per_layer = np.array(row["expert_load_per_layer"])  # both layers are MoEs
+        assert per_layer.shape == (2, 4) and np.allclose(per_layer.sum(1), 1.0)
+        assert np.allclose(per_layer.mean(0), row["expert_load"])
         assert row["aux_loss"] >= 1.0 - 1e-6  # E·Σ f_i P_i is minimal (1) when balanced
         assert 0 <= row["dropped_fraction"] < 1 and row["router_z_loss"] > 0
     assert np.isfinite(rows[-1]["val_loss"]) and result.model_config.moe == cfg.moe
