@@ -31,9 +31,8 @@ study-full: $(STAMP)
 figures: $(STAMP)
 	$(VENV)/bin/palmlite figures studies/quick.yaml
 
-# JupyterLab on the notebooks (installed into .venv on first use).
+# JupyterLab on the notebooks (installed into .venv with palmlite, ipywidgets included).
 lab: $(STAMP)
-	$(PY) -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install --quiet jupyterlab
 	$(VENV)/bin/jupyter lab notebooks/
 
 bench: $(STAMP)
