@@ -129,7 +129,13 @@ def main(argv: list[str] | None = None) -> int:
             _figures(args)
         else:
             _generate(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except BrokenPipeError:  # `palmlite presets | head`: the reader left, nothing to say
+        sys.stderr.close()  # and no second error when Python flushes stdout at exit
+        return 0
+    except KeyboardInterrupt:
+        print(f"palmlite {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, FloatingPointError) as e:  # OSError: files, permissions
         print(f"palmlite {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

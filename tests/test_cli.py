@@ -35,3 +35,12 @@ def test_train_mesh_errors_name_the_problem(capsys):
         capsys.readouterr().err
     assert cli.main(base + ["--mesh", "data=2"]) == 2  # this process has one CPU device
     assert "needs 2 devices but 1 are available" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`palmlite presets | true`: the reader is gone before palmlite writes (it exits at
+    once, palmlite takes a second to import); no BrokenPipe traceback, status 0."""
+    cmd = f"{sys.executable} -m palmlite.cli presets | true"
+    out = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True,
+                         timeout=120)
+    assert out.stderr == "" and out.returncode == 0
