@@ -17,7 +17,6 @@ import json
 import multiprocessing
 import os
 import platform
-import sys
 import tempfile
 import threading
 import time
@@ -53,9 +52,11 @@ def run_point(notebook: str, output: str, parameters: dict, timeout_s: int, env:
                                        parameters={**parameters, "result_path": result_path},
                                        execution_timeout=timeout_s, progress_bar=False,
                                        log_output=False)
-        finally:
-            if not reuse_kernel or sys.exc_info()[0] is not None:
-                _stop_worker_kernel()
+        except BaseException:
+            _stop_worker_kernel()  # its state is unknown: the next point starts a new one
+            raise
+        if not reuse_kernel:
+            _stop_worker_kernel()
         text = Path(result_path).read_text()
         if not text:
             raise RuntimeError("the notebook finished without calling palmlite.studies.record()")
