@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from palmlite import presets, scaling
+from palmlite import isoflop, presets
 from palmlite.accounting import count_params
-from palmlite.scaling import (CHINCHILLA, compute_optimal, fit_isoflop, isoflop_grid, isoflop_model,
-                              isoflop_parabolas, isoflop_tokens, sweep_points)
+from palmlite.isoflop import fit_isoflop, isoflop_grid, isoflop_model, isoflop_parabolas, isoflop_tokens
+from palmlite.scaling import CHINCHILLA, compute_optimal, sweep_points
 
 # The truth to recover: Chinchilla's own law (eq. 10), whose N_opt ∝ C^(β/(α+β)).
 A_TRUE = CHINCHILLA.beta / (CHINCHILLA.alpha + CHINCHILLA.beta)  # 0.28 / 0.62 ≈ 0.452
@@ -19,15 +19,15 @@ A_TRUE = CHINCHILLA.beta / (CHINCHILLA.alpha + CHINCHILLA.beta)  # 0.28 / 0.62 �
 def test_isoflop_models_grow_with_size_index_and_hit_their_targets(C):
     cfgs = [isoflop_model(C, i) for i in range(-2, 3)]
     N = np.array([count_params(c) for c in cfgs], float)
-    n_opt = np.sqrt(C / (6 * scaling.TOKENS_PER_PARAM))
+    n_opt = np.sqrt(C / (6 * isoflop.TOKENS_PER_PARAM))
     targets = n_opt * 6.0 ** np.linspace(-1, 1, 5)
     assert np.all(np.diff(N) > 0)
     assert np.all(np.abs(np.log(N / targets)) < np.log(1.5))
     assert N[2] == pytest.approx(n_opt, rel=0.5)
     for c in cfgs:  # the ladder: PaLM's toggles, heads of 16, d_ff = 4 d_model, bytes
         assert c.d_model % 16 == 0 and c.head_size == 16 and c.d_ff == 4 * c.d_model
-        low, high = scaling.LADDER_ASPECT
-        assert low <= c.d_model / c.n_layers <= high and c.n_layers >= scaling.LADDER_MIN_LAYERS
+        low, high = isoflop.LADDER_ASPECT
+        assert low <= c.d_model / c.n_layers <= high and c.n_layers >= isoflop.LADDER_MIN_LAYERS
         assert (c.vocab_size, c.block, c.position, c.activation, c.n_kv_heads,
                 c.tie_embeddings) == (259, "parallel", "rope", "swiglu", 1, True)
     assert cfgs == isoflop_grid(C)
@@ -54,7 +54,7 @@ def test_increasing_nearest_is_the_best_increasing_assignment():
     for _ in range(20):
         params = np.sort(rng.uniform(0, 5, 9))
         targets = np.sort(rng.uniform(0, 5, 3))
-        picks = scaling._increasing_nearest(params, targets)
+        picks = isoflop._increasing_nearest(params, targets)
         cost = lambda js: sum((params[j] - t) ** 2 for j, t in zip(js, targets))
         best = min(itertools.combinations(range(9), 3), key=cost)
         assert picks == sorted(set(picks)) and cost(picks) == pytest.approx(cost(best))
@@ -223,8 +223,8 @@ def test_isoflop_figure_title_states_the_fitted_exponent_and_verdict():
     low, high = fit["a_interval"]
     assert f"a = {fit['a']:.2f} [{low:.2f}, {high:.2f}]" in title
     assert f"interval width {high - low:.2f}" in title
-    assert (f"consistent with Chinchilla's {scaling.CHINCHILLA_A_APPROACH2:g}, excludes Kaplan's "
-            f"{scaling.KAPLAN_A:g}" if low <= scaling.CHINCHILLA_A_APPROACH2 <= high else
+    assert (f"consistent with Chinchilla's {isoflop.CHINCHILLA_A_APPROACH2:g}, excludes Kaplan's "
+            f"{isoflop.KAPLAN_A:g}" if low <= isoflop.CHINCHILLA_A_APPROACH2 <= high else
             "excludes both") in title
     left, right = fig.axes
     legend = [t.get_text() for t in right.get_legend().get_texts()]

@@ -86,12 +86,13 @@ def isoflop(rows: list[dict], fig, varied: list[str]) -> None:
     2024). Rows: params ``flops_budget``, ``size_index``, ``seed``; metrics a TrainResult
     summary. Left: final validation loss against N per budget (mean over seeds, bars
     min..max), the parabola in ln N fitted to each and its minimum (a hollow star when the
-    budget is flagged: ``palmlite.scaling.ISOFLOP_FLAGS``). Right: N_opt against C, the fit
+    budget is flagged: ``palmlite.isoflop.ISOFLOP_FLAGS``). Right: N_opt against C, the fit
     N_opt ∝ C^a with its bootstrap band, Chinchilla's and Kaplan's exponents through the
     same centre, and Approach 3's exponent in the legend. The title says what a's interval
     shows, or what is missing for one."""
     import numpy as np
-    from palmlite.scaling import fit_isoflop, isoflop_parabolas, sweep_points
+    from palmlite.isoflop import fit_isoflop, isoflop_parabolas
+    from palmlite.scaling import sweep_points
     points = sweep_points(rows, count="total")
     fig.set_size_inches(12, 5)
     ax_n, ax_c = fig.subplots(1, 2)
@@ -122,7 +123,7 @@ def _isoflop_profiles(ax, points: dict, budgets: list[dict]) -> None:
     """Left panel: one colour per budget, runs averaged over seeds, parabola and minimum."""
     import numpy as np
     from matplotlib import colormaps
-    from palmlite.scaling import ISOFLOP_FLAGS
+    from palmlite.isoflop import ISOFLOP_FLAGS
     for b, color in zip(budgets, colormaps["viridis"](np.linspace(0, 0.85, len(budgets)))):
         at = points["budget"] == b["C"]
         sizes = np.unique(points["N"][at])
@@ -151,7 +152,7 @@ def _isoflop_profiles(ax, points: dict, budgets: list[dict]) -> None:
 def _isoflop_frontier(ax, budgets: list[dict], fit: dict | None, approach3: str) -> None:
     """Right panel: N_opt per budget, the fitted power law and its band, the papers' lines."""
     import numpy as np
-    from palmlite.scaling import CHINCHILLA_A_APPROACH2, KAPLAN_A
+    from palmlite.isoflop import CHINCHILLA_A_APPROACH2, KAPLAN_A
     used = [b for b in budgets if b["used"]]
     ax.plot([b["C"] for b in used], [b["N_opt"] for b in used], "ko",
             label="N_opt: parabola minimum")
@@ -194,7 +195,8 @@ def _approach3(points: dict) -> str:
     """Chinchilla Approach 3 on the same runs: L(N, D) fitted (total N, D tokens trained) and
     its N_opt exponent β/(α+β) via compute_optimal; or why it could not be had."""
     import numpy as np
-    from palmlite.scaling import CHINCHILLA_A_APPROACH3, compute_optimal, fit_chinchilla
+    from palmlite.isoflop import CHINCHILLA_A_APPROACH3
+    from palmlite.scaling import compute_optimal, fit_chinchilla
     try:
         law = fit_chinchilla(points["N"], points["D"], points["loss"])
         C = np.median(points["C"]) * np.array([1.0, 10.0])  # any two budgets: a power law
@@ -210,7 +212,7 @@ def _isoflop_verdict(budgets: list[dict], fit: dict | None, missing: str | None)
     """The title: a with its interval, how wide an interval must be to tell the papers
     apart, and which of their exponents the interval contains."""
     import textwrap
-    from palmlite.scaling import CHINCHILLA_A_APPROACH2 as chinchilla, KAPLAN_A as kaplan
+    from palmlite.isoflop import CHINCHILLA_A_APPROACH2 as chinchilla, KAPLAN_A as kaplan
     if fit is None:
         return textwrap.fill(f"IsoFLOP profiles (Chinchilla Approach 2): no exponent; {missing}",
                              150)
