@@ -320,10 +320,13 @@ figures: {{isoflop: iso}}
 
 
 @pytest.mark.parametrize("reuse", [True, False])
-def test_a_worker_reuses_its_kernel_with_an_empty_namespace(tmp_path, reuse):
+def test_a_worker_reuses_its_kernel_with_an_empty_namespace(tmp_path, reuse, capfd, monkeypatch):
     """One worker, three points: with kernel reuse all run in one kernel process, yet no
     point sees the previous point's variables (the namespace is reset in between), and the
-    results equal those of a kernel per point."""
+    results equal those of a kernel per point. The kernels talk over Unix sockets in a
+    private directory (removed afterwards), so they print no TCP warning."""
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # where the spawned worker's sockets go
     nb = nbformat.v4.new_notebook()
     params = nbformat.v4.new_code_cell("x = 1\nseed = 0\nresult_path = None")
     params.metadata["tags"] = ["parameters"]
@@ -341,6 +344,8 @@ def test_a_worker_reuses_its_kernel_with_an_empty_namespace(tmp_path, reuse):
     assert sorted(m["y"] for m in metrics) == [10, 20, 30]
     assert not any(m["leaked"] for m in metrics)
     assert len({m["pid"] for m in metrics}) == (1 if reuse else 3)
+    assert "without encryption" not in capfd.readouterr().err
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 def test_concurrent_writers_lose_no_rows(tmp_path):

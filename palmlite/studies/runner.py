@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import platform
+import shutil
 import tempfile
 import threading
 import time
@@ -70,23 +71,32 @@ _KERNEL = None  # this worker's kernel manager, kept between points
 
 def _worker_kernel():
     """This worker's running kernel, its namespace emptied; started on first use (or after a
-    failure). Kernels started at once can race for ports: up to three attempts."""
+    failure). Kernels started at once can race for TCP ports: up to three attempts."""
     global _KERNEL
     if _KERNEL is not None and _KERNEL.is_alive() and _reset_namespace(_KERNEL):
         return _KERNEL
     _stop_worker_kernel()
     from jupyter_client.manager import KernelManager
     for attempt in range(3):
-        km = KernelManager(kernel_name="python3")
+        _KERNEL = KernelManager(kernel_name="python3", **_kernel_transport())
         try:
-            km.start_kernel()
+            _KERNEL.start_kernel()
             break
         except Exception as e:  # noqa: BLE001 - only kernel-start races are retried
+            _stop_worker_kernel()
             if attempt == 2 or not any(s in str(e) for s in KERNEL_START_ERRORS):
                 raise
-    _KERNEL = km
     atexit.register(_stop_worker_kernel)
-    return km
+    return _KERNEL
+
+
+def _kernel_transport() -> dict:
+    """Unix sockets in a private directory where the OS has them: no TCP ports to race for,
+    and no "[IPKernelApp] WARNING | Kernel is running over TCP without encryption" line per
+    point. Windows keeps TCP on localhost."""
+    if os.name == "nt":
+        return {}
+    return dict(transport="ipc", ip=os.path.join(tempfile.mkdtemp(prefix="palmlite-kernel-"), "k"))
 
 
 def _reset_namespace(km) -> bool:
@@ -110,6 +120,8 @@ def _stop_worker_kernel() -> None:
             _KERNEL.shutdown_kernel(now=True)
         except Exception:  # noqa: BLE001 - it may be dead already
             pass
+        if _KERNEL.transport == "ipc":  # the private directory of its sockets
+            shutil.rmtree(os.path.dirname(_KERNEL.ip), ignore_errors=True)
         _KERNEL = None
 
 
