@@ -158,3 +158,22 @@ def test_ablation_draws_the_gap_along_training_when_runs_have_a_history():
     assert list(serial.get_xdata()) == [100, 300]
     assert list(serial.get_ydata()) == pytest.approx([3 * 0.101, 0.101])
     plt.close(fig)
+
+
+def test_a_figure_missing_a_metric_names_the_metric_and_the_point(tmp_path):
+    """Issue 13, item 10: a notebook that did not record what a figure reads gets one clear
+    error naming both, not a KeyError at the end of the sweep."""
+    from palmlite.studies import load_study
+    from palmlite.studies.figures import make_figures
+    spec = tmp_path / "s.yaml"
+    (tmp_path / "nb.ipynb").write_text(json.dumps({"cells": [{
+        "cell_type": "code", "metadata": {"tags": ["parameters"]},
+        "source": "block = 'parallel'\nseed = 0\n"}]}))
+    spec.write_text("name: s\nnotebook: nb.ipynb\ngrid: {product: {block: [parallel, serial]}}\n"
+                    "seeds: [0, 1]\nfigures: {ablation: abl}\n")
+    rows = [dict(r, point=f"block={r['params']['block']},seed={r['params']['seed']}")
+            for r in ablation_rows()]
+    del rows[7]["metrics"]["val_loss"]  # a serial run
+    with pytest.raises(ValueError, match=f"figure 'ablation' of study 's' needs 'val_loss', "
+                                         f"which point '{rows[7]['point']}' did not record"):
+        make_figures(load_study(spec), rows, tmp_path / "figures")

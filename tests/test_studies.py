@@ -63,10 +63,26 @@ seeds: [0, 1]
     ("name: x\nnotebook: nb.ipynb\nseeds: []\n", "seeds"),
     ("name: x\nnotebook: nb.ipynb\ngrid: {product: {seed: [1]}}\n", "twice"),
     ("notebook: nb.ipynb\n", "name"),
+    # Issue 13, item 10: every field error names the file and the field.
+    ("name: x\nnotebook: nb.ipynb\nseeds: [true]\n", "field 'seeds' is \\[True\\]"),
+    ("name: x\nnotebook: nb.ipynb\nseeds: [-1]\n", "field 'seeds'"),
+    ("name: x\nnotebook: nb.ipynb\ntimeout_s: 0\n", "field 'timeout_s' is 0"),
+    ("name: x\nnotebook: nb.ipynb\ntimeout_s: -5\n", "field 'timeout_s' is -5"),
+    ("name: x\nnotebook: nb.ipynb\ntimeout_s: abc\n", "field 'timeout_s' is 'abc'"),
+    ("name: x\nnotebook: nb.ipynb\nparameters: [1, 2]\n", "field 'parameters' must be a mapping"),
+    ("name: x\nnotebook: nb.ipynb\ndescription: [1]\n", "field 'description'"),
+    ("name: x\nnotebook: nb.ipynb\ngrid: {product: {x: [1\n", "not a valid study spec"),
+    ("!!python/object/apply:os.system ['echo hi']\n", "not a valid study spec"),
+    # Issue 13, item 9: two points with one key would share a row and a notebook.
+    ("name: x\nnotebook: nb.ipynb\nseeds: [0, 0]\n", "same key 'seed=0'"),
+    ("name: x\nnotebook: nb.ipynb\ngrid: {product: {x: [1, '1']}}\n", "same key"),
+    ("name: x\nnotebook: nb.ipynb\ngrid: {product: {mode: [a/b, a_b]}}\n", "same key"),
+    ("name: x\nnotebook: nb.ipynb\ngrid: {zip: {x: [1, 1], y: [2, 2]}}\n", "same key"),
 ])
 def test_bad_specs(tmp_path, text, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as error:
         load_study(make_study(tmp_path, text))
+    assert str(tmp_path / "study.yaml") in str(error.value)  # the file, too
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         load_study(tmp_path / "missing.yaml")
 
@@ -98,6 +114,29 @@ def test_sweep_runs_resumes_and_records_failures(tmp_path, capsys):
     assert "4 done, 2 to run" in capsys.readouterr().out
     lines = (tmp_path / "studies/results/toy.jsonl").read_text().splitlines()
     assert len(lines) == 6 and all(json.loads(l)["point"] for l in lines)
+
+
+@pytest.mark.slow
+def test_a_point_whose_fixed_parameters_or_notebook_changed_runs_again(tmp_path, capsys):
+    """A point's identity is all its parameters and its notebook, not only its key: after
+    the spec's fixed parameters change, the old row is stale (--dry-run says what changed)
+    and the point runs again."""
+    spec = make_study(tmp_path, "name: toy\nnotebook: nb.ipynb\nparameters: {mode: b}\n"
+                                "grid: {product: {x: [1]}}\nseeds: [0]\n")
+    assert run_study(spec, root=tmp_path) == 0
+    capsys.readouterr()
+    spec.write_text(spec.read_text().replace("mode: b", "mode: c"))
+    assert run_study(spec, dry_run=True, root=tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "0 done, 1 to run" in out and "stale seed=0,x=1  (mode: 'b' -> 'c')" in out
+    assert run_study(spec, root=tmp_path) == 0
+    rows = read_results(tmp_path / "studies/results/toy.jsonl")
+    assert [r["metrics"]["mode"] for r in rows] == ["c"]
+    (tmp_path / "other.ipynb").write_bytes((tmp_path / "nb.ipynb").read_bytes())
+    spec.write_text(spec.read_text().replace("nb.ipynb", "other.ipynb"))
+    capsys.readouterr()
+    assert run_study(spec, dry_run=True, root=tmp_path) == 0
+    assert "notebook: 'nb.ipynb' -> 'other.ipynb'" in capsys.readouterr().out
 
 
 def test_figures_are_drawn_from_rows_with_a_provenance_caption(tmp_path):

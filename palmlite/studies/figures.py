@@ -338,6 +338,17 @@ def caption(rows: list[dict]) -> str:
             f"{len(rows)} runs · drawn {time.strftime('%Y-%m-%d')}")
 
 
+def _missing(study, figure: str, name, rows: list[dict]) -> str:
+    """Which point did not record the metric or parameter a figure reads."""
+    lacking = [r["point"] for r in rows
+               if name not in r.get("metrics", {}) and name not in r.get("params", {})]
+    where = (f"point {lacking[0]!r}" + (f" and {len(lacking) - 1} more" if len(lacking) > 1 else "")
+             if lacking else "a point")
+    return (f"figure {figure!r} of study {study.name!r} needs {name!r}, which {where} did not "
+            f"record (the results are kept: redraw with `palmlite figures {study.path}` once "
+            "the notebook records it)")
+
+
 def make_figures(study, rows: list[dict], out_dir: str | Path = "figures") -> list[Path]:
     """Draw every figure the study names from its successful rows; returns the files."""
     rows = [r for r in rows if r["status"] == "ok"]
@@ -348,7 +359,10 @@ def make_figures(study, rows: list[dict], out_dir: str | Path = "figures") -> li
     written = []
     for name, file in study.figures.items():
         fig = Figure(figsize=(7, 4))
-        FIGURES[name](rows, fig, study.varied())
+        try:
+            FIGURES[name](rows, fig, study.varied())
+        except KeyError as e:
+            raise ValueError(_missing(study, name, e.args[0], rows)) from None
         fig.text(0.01, 0.01, caption(rows), fontsize=7, color="dimgray")
         fig.tight_layout(rect=(0, 0.04, 1, 1))
         for suffix in ("png", "svg"):

@@ -162,14 +162,13 @@ def _run_one(study: Study, workers: int, only: list[str], dry_run: bool, root: P
              reuse_kernel: bool = True) -> int:
     results_path = root / "studies" / "results" / f"{study.name}.jsonl"
     runs_dir = root / "studies" / "runs" / study.name
-    done = {r["point"] for r in read_results(results_path) if r["status"] == "ok"}
+    rows = {r["point"]: r for r in read_results(results_path)}
     points = [p for p in study.points() if _matches(p, only)]
-    pending = [p for p in points if study.key(p) not in done]
+    pending = [p for p in points if not study.is_done(rows.get(study.key(p), {}), p)]
     print(f"study {study.name}: {len(points)} points, {len(points) - len(pending)} done, "
           f"{len(pending)} to run with {workers} worker(s)")
     if dry_run:
-        for p in points:
-            print(("  done  " if study.key(p) in done else "  todo  ") + study.key(p))
+        _list_points(study, points, rows)
         return 0
     runs_dir.mkdir(parents=True, exist_ok=True)
     env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"} if workers > 1 else {}
@@ -201,6 +200,18 @@ def _run_one(study: Study, workers: int, only: list[str], dry_run: bool, root: P
     if failed:
         print(f"study {study.name}: {failed} point(s) failed; see their notebooks in {runs_dir}")
     return failed
+
+
+def _list_points(study: Study, points: list[dict], rows: dict[str, dict]) -> None:
+    """done / todo / stale (finished with other settings: what changed) for each point."""
+    for p in points:
+        row = rows.get(study.key(p))
+        if row is not None and study.is_done(row, p):
+            print("  done  " + study.key(p))
+        elif row is not None and row.get("status") == "ok":
+            print(f"  stale {study.key(p)}  ({'; '.join(study.changes(row, p))})")
+        else:
+            print("  todo  " + study.key(p))
 
 
 def _init_worker(counter, workers: int) -> None:
@@ -277,6 +288,7 @@ def _matches(point: dict, only: list[str]) -> bool:
 
 def _row(study: Study, point: dict, output: Path) -> dict:
     from palmlite import __version__
-    return dict(point=study.key(point), study=study.name, params=point, notebook=str(output),
+    return dict(point=study.key(point), study=study.name, params=point, source=study.notebook.name,
+                notebook=str(output),
                 finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 versions=dict(palmlite=__version__, python=platform.python_version()))

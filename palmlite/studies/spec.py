@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import keyword
 import re
 from pathlib import Path
@@ -59,9 +60,27 @@ class Study:
         return [*self.product, *self.zipped, "seed"]
 
     def key(self, point: dict[str, Any]) -> str:
-        """``k=v,...`` over the varied parameters: unique per point, safe as a file name."""
+        """``k=v,...`` over the varied parameters: unique per point (checked when the spec is
+        read), safe as a file name."""
         text = ",".join(f"{k}={point[k]}" for k in sorted(self.varied()))
         return re.sub(r"[^\w.=,+-]", "_", text)
+
+    def is_done(self, row: dict, point: dict[str, Any]) -> bool:
+        """Whether a results row is this point, finished: the same key, every parameter
+        (the fixed ones too) and the same notebook. A row whose fixed parameters or
+        notebook have since changed in the spec is stale, and the point runs again."""
+        return (row.get("status") == "ok" and row.get("point") == self.key(point)
+                and row.get("params") == json.loads(json.dumps(point))
+                and row.get("source") == self.notebook.name)
+
+    def changes(self, row: dict, point: dict[str, Any]) -> list[str]:
+        """What differs between a stale row and the point now, in words (for --dry-run)."""
+        now, then = json.loads(json.dumps(point)), row.get("params", {})
+        diffs = [f"{k}: {then.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}"
+                 for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
+        if row.get("source") != self.notebook.name:
+            diffs.append(f"notebook: {row.get('source')!r} -> {self.notebook.name!r}")
+        return diffs
 
 
 def load_studies(path: str | Path) -> list[Study]:
@@ -69,7 +88,10 @@ def load_studies(path: str | Path) -> list[Study]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"study spec {str(path)!r} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:  # malformed, or a tag such as !!python/object (safe_load refuses)
+        raise ValueError(f"{path}: not a valid study spec: {' '.join(str(e).split())}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a study spec is a mapping, got {type(raw).__name__}")
     if "parts" not in raw:
@@ -102,13 +124,36 @@ def _parse(raw: dict, path: Path) -> Study:
     for name in ("name", "notebook"):
         if not isinstance(raw.get(name), str):
             raise ValueError(f"{path}: field {name!r} is required and must be a string")
-    notebook = (path.parent / raw["notebook"]).resolve() if not Path(raw["notebook"]).is_absolute() \
-        else Path(raw["notebook"])
+    if not isinstance(raw.get("description", ""), str):
+        raise ValueError(f"{path}: field 'description' must be a string")
+    notebook = _notebook(raw["notebook"], path)
+    parameters = raw.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise ValueError(f"{path}: field 'parameters' must be a mapping name -> value, got "
+                         f"{type(parameters).__name__}")
+    product, zipped = _grid(raw.get("grid") or {}, path)
+    figures = _figures(raw.get("figures") or {}, raw["name"], path)
+    _check_file_names(path, raw["name"], figures)
+    _check_parameter_names(path, notebook, [*parameters, *product, *zipped])
+    study = Study(name=raw["name"], notebook=notebook, parameters=dict(parameters),
+                  product=product, zipped=zipped, seeds=_seeds(raw.get("seeds", [0]), path),
+                  figures=figures, timeout_s=_timeout(raw.get("timeout_s", 1800), path), path=path)
+    _check_keys_unique(study)
+    return study
+
+
+def _notebook(name: str, path: Path) -> Path:
+    """The notebook, relative to the spec's folder (else to the working directory)."""
+    notebook = Path(name) if Path(name).is_absolute() else (path.parent / name).resolve()
     if not notebook.exists():
-        notebook = Path(raw["notebook"]).resolve()  # relative to the working directory
+        notebook = Path(name).resolve()
     if not notebook.exists():
-        raise FileNotFoundError(f"{path}: notebook {raw['notebook']!r} does not exist")
-    grid = raw.get("grid") or {}
+        raise FileNotFoundError(f"{path}: notebook {name!r} does not exist (relative to the "
+                                "spec's folder or the working directory)")
+    return notebook
+
+
+def _grid(grid, path: Path) -> tuple[dict, dict]:
     if not isinstance(grid, dict) or set(grid) - {"product", "zip"}:
         raise ValueError(f"{path}: 'grid' takes 'product' and/or 'zip' mappings of lists")
     product, zipped = grid.get("product") or {}, grid.get("zip") or {}
@@ -121,23 +166,48 @@ def _parse(raw: dict, path: Path) -> Study:
     overlap = (set(product) & set(zipped)) | ((set(product) | set(zipped)) & {"seed"})
     if overlap:
         raise ValueError(f"{path}: parameter(s) {sorted(overlap)} appear twice in the grid/seeds")
+    return product, zipped
+
+
+def _figures(figures, name: str, path: Path) -> dict[str, str]:
     from palmlite.studies.figures import FIGURES
-    figures = raw.get("figures") or {}
     if isinstance(figures, list):
-        figures = {f: f"{raw['name']}_{f}" for f in figures}
+        figures = {f: f"{name}_{f}" for f in figures}
     if not isinstance(figures, dict) or not all(isinstance(v, str) for v in figures.values()):
         raise ValueError(f"{path}: 'figures' is a list of figure names or a mapping figure -> file")
     unknown_figures = sorted(set(figures) - set(FIGURES))
     if unknown_figures:
         raise ValueError(f"{path}: unknown figure(s) {unknown_figures}; known: {sorted(FIGURES)}")
-    seeds = raw.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise ValueError(f"{path}: 'seeds' must be a non-empty list of integers")
-    _check_file_names(path, raw["name"], figures)
-    _check_parameter_names(path, notebook, [*(raw.get("parameters") or {}), *product, *zipped])
-    return Study(name=raw["name"], notebook=notebook, parameters=dict(raw.get("parameters") or {}),
-                 product=product, zipped=zipped, seeds=seeds, figures=figures,
-                 timeout_s=int(raw.get("timeout_s", 1800)), path=path)
+    return figures
+
+
+def _seeds(seeds, path: Path) -> list[int]:
+    if (not isinstance(seeds, list) or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+        raise ValueError(f"{path}: field 'seeds' is {seeds!r}: expected a non-empty list of "
+                         "distinct integers >= 0")
+    return seeds
+
+
+def _timeout(timeout_s, path: Path) -> int:
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+        raise ValueError(f"{path}: field 'timeout_s' is {timeout_s!r}: expected a number of "
+                         "seconds > 0 (the longest one point may run)")
+    return int(max(1, round(timeout_s)))
+
+
+def _check_keys_unique(study: Study) -> None:
+    """Two points with one key would share a results row and a notebook file: repeated
+    values in a list or in ``seeds``, or values equal as text (1 and "1", "a/b" and "a_b")."""
+    seen = {}
+    for point in study.points():
+        key = study.key(point)
+        if key in seen:
+            varied = lambda p: {k: p[k] for k in study.varied()}
+            raise ValueError(f"{study.path}: points {varied(seen[key])} and {varied(point)} of "
+                             f"study {study.name!r} have the same key {key!r}: the values of "
+                             "each grid list and of 'seeds' must be distinct, also as text")
+        seen[key] = point
 
 
 FILE_NAME = re.compile(r"[A-Za-z0-9][\w.+-]*")
