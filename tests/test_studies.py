@@ -212,13 +212,17 @@ def test_figures_are_redrawn_from_results_alone(tmp_path):
     spec = make_study(tmp_path, SUITE)
     with pytest.raises(FileNotFoundError, match="one.jsonl"):
         draw_figures(spec, root=tmp_path)
-    for name in ("one", "two"):
-        for x in (1, 2):
-            write_result(tmp_path / f"studies/results/{name}.jsonl", dict(
-                point=f"x={x}", status="ok", params={"x": x, "y": 1, "seed": 0},
-                metrics={"val_bits_per_byte": 1.0 + x, "val_loss": 2.0 + x}))
+    from palmlite.studies import load_studies
+    for study in load_studies(spec):
+        for p in study.points():
+            write_result(tmp_path / f"studies/results/{study.name}.jsonl", dict(
+                point=study.key(p), status="ok", params=p, source="nb.ipynb",
+                metrics={"val_bits_per_byte": 1.0 + p.get("x", 0), "val_loss": 2.0 + p.get("x", 0)}))
     files = draw_figures(spec, root=tmp_path)
     assert sorted(f.name for f in files) == ["first.png", "first.svg"]
+    # Rows from other settings stay in the file but out of the figure: none current, none drawn.
+    spec.write_text(SUITE.replace("x: [1, 2]", "x: [3]"))
+    assert draw_figures(spec, root=tmp_path) == []
 
 
 @pytest.mark.slow

@@ -154,7 +154,7 @@ def draw_figures(spec: str | Path, root: str | Path = ".", parts: list[str] = ()
         if not results_path.exists():
             raise FileNotFoundError(f"no results for study {study.name!r}: {str(results_path)!r} "
                                     f"is missing (run `palmlite sweep {spec}` first)")
-        written += make_figures(study, read_results(results_path), Path(root) / "figures")
+        written += make_figures(study, _current_rows(study, results_path), Path(root) / "figures")
     return written
 
 
@@ -195,11 +195,20 @@ def _run_one(study: Study, workers: int, only: list[str], dry_run: bool, root: P
                 row.update(status="failed", duration_s=None, error=f"{type(e).__name__}: {e}"[:2000])
             write_result(results_path, row)
             print(f"  {row['status']:6s} {row['point']}  ({_time_text(row)})")
-    for path in make_figures(study, read_results(results_path), root / "figures"):
+    for path in make_figures(study, _current_rows(study, results_path), root / "figures"):
         print(f"  figure {path}")
     if failed:
         print(f"study {study.name}: {failed} point(s) failed; see their notebooks in {runs_dir}")
     return failed
+
+
+def _current_rows(study: Study, results_path: Path) -> list[dict]:
+    """The results of the spec's points as it is now: a row left from other settings (a
+    stale row not yet rerun, a point no longer in the grid) stays in the file, out of the
+    figures."""
+    rows = {r["point"]: r for r in read_results(results_path)}
+    return [rows[study.key(p)] for p in study.points()
+            if study.key(p) in rows and study.is_done(rows[study.key(p)], p)]
 
 
 def _list_points(study: Study, points: list[dict], rows: dict[str, dict]) -> None:
