@@ -42,7 +42,7 @@ def presets_table() -> str:
 def _train(args) -> None:
     from palmlite.config import TrainConfig, parse_overrides
     from palmlite.train import train
-    budget = dict(steps=None, tokens=args.tokens) if args.tokens else dict(steps=args.steps)
+    budget = dict(steps=args.steps) if args.tokens is None else dict(steps=None, tokens=args.tokens)
     tc = TrainConfig(corpus=args.corpus, tokenizer=args.tokenizer, quiet=args.quiet,
                      mesh=args.mesh, **budget)
     if tc.mesh is not None:  # one of several hosts? join them before JAX touches a device

@@ -12,9 +12,23 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from palmlite.config import ModelConfig
+
+
+def check_ids(what: str, ids, limit: int) -> None:
+    """Raise if integer ``ids`` fall outside [0, limit): checked on concrete arrays only
+    (eager calls, where it costs one reduction); under jit nothing is checked, and JAX's
+    gathers clamp an out-of-range index (an embedding lookup) or fill it with NaN (a
+    target's log-probability): the contract is the caller's there."""
+    if isinstance(ids, jax.core.Tracer):
+        return
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= limit):
+        raise ValueError(f"{what} out of range: values from {ids.min()} to {ids.max()}, "
+                         f"expected 0 .. {limit - 1}")
 
 
 def make_param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:

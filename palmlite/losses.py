@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from palmlite.layers import check_ids
+
 
 def cross_entropy_and_z_loss(logits_BxTxV: jax.Array, targets_BxT: jax.Array,
                              mask_BxT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -12,7 +14,10 @@ def cross_entropy_and_z_loss(logits_BxTxV: jax.Array, targets_BxT: jax.Array,
 
     PaLM §5 adds ``1e-4 * log²Z`` to the loss, pulling the softmax normaliser Z towards 1
     for stability; the coefficient is the caller's choice (``loss = ce + coef * z``).
+    Targets lie in [0, V): checked in an eager call; under jit one out of range makes the
+    loss NaN.
     """
+    check_ids("target id", targets_BxT, logits_BxTxV.shape[-1])
     logits = logits_BxTxV.astype(jnp.float32)
     log_z_BxT = jax.nn.logsumexp(logits, axis=-1)
     target_logit_BxT = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]

@@ -15,7 +15,7 @@ from flax import nnx
 from palmlite.attention import (Attention, KVCache, LayerCache, RelativePositionBias,
                                 alibi_bias, padding_mask, visible_slots)
 from palmlite.config import ModelConfig
-from palmlite.layers import Norm, normal_param
+from palmlite.layers import Norm, check_ids, normal_param
 from palmlite.mlp import MLP
 from palmlite.moe import MoE, MoEStats
 
@@ -70,6 +70,10 @@ class Transformer(nnx.Module):
     appends the T tokens to it and returns ``(logits_BxTxV, new_cache)``: prefill is one
     call with the prompt, each decoding step one call with T = 1. A negative position
     marks padding, which no real query attends to, with or without a cache.
+
+    Token ids lie in [0, vocab_size), and with learned positions a position is below
+    max_seq_len: an eager call checks both (``layers.check_ids``); under jit they are the
+    caller's contract (palmlite's data and generation keep it).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -97,8 +101,15 @@ class Transformer(nnx.Module):
                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None, list[MoEStats]]:
         """``__call__``'s work, plus the statistics of each MoE layer (``moe.moe_stats``)."""
         cfg, T = self.cfg, tokens_BxT.shape[1]
+        check_ids("token id", tokens_BxT, cfg.vocab_size)
         # Only given positions can be negative (padding); the default 0..T-1 needs no mask.
         padded = positions_BxT is not None
+        if cfg.position == "learned":  # a table of max_seq_len rows
+            if positions_BxT is None and cache is None and T > cfg.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens is longer than max_seq_len="
+                                 f"{cfg.max_seq_len}, the learned position table's length")
+            if padded:
+                check_ids("position", jnp.maximum(positions_BxT, 0), cfg.max_seq_len)
         if positions_BxT is None:  # consecutive positions, continuing after the cached ones
             pos_T = jnp.arange(T) if cache is None else cache.length + jnp.arange(T)
             positions_BxT = jnp.broadcast_to(pos_T, tokens_BxT.shape)

@@ -227,8 +227,7 @@ def _train(cfg: ModelConfig, tc: TrainConfig, run_dir: Path | None, resume: bool
     _same_data_as_saved(run_dir if resume else None, "corpus", corpus)
     tokenizer = get_tokenizer(tc.tokenizer, corpus)
     _same_data_as_saved(run_dir if resume else None, "tokenizer", tokenizer)
-    cfg = cfg.replace(vocab_size=tokenizer.vocab_size, max_seq_len=max(cfg.max_seq_len, tc.seq_len),
-                      **dtypes)
+    cfg, replaced = _fit_model_to_data(cfg, tokenizer, tc, dtypes)
     split = dict(val_fraction=tc.val_fraction, seed=tc.split_seed)
     train_ds = TokenDataset(corpus, tokenizer, split="train", **split)
     val_ds = TokenDataset(corpus, tokenizer, split="validation", **split)
@@ -243,7 +242,7 @@ def _train(cfg: ModelConfig, tc: TrainConfig, run_dir: Path | None, resume: bool
         restored = ckpt.restore_latest(state, move_damaged=True)
         if restored is not None:
             start, state, _ = restored
-    info = _run_info(cfg, tc, tokenizer, corpus, train_ds, val_ds)
+    info = dict(_run_info(cfg, tc, tokenizer, corpus, train_ds, val_ds), replaced=replaced)
     if run_dir is not None and jax.process_index() == 0:
         if tokenizer.path is not None:  # keep the vocabulary with the run
             shutil.copyfile(tokenizer.path, run_dir / "tokenizer.model")
@@ -458,6 +457,21 @@ def _same_data_as_saved(run_dir: Path | None, kind: str, now) -> None:
             f"cannot resume {str(run_dir)!r}: its {kind} was {saved['name']!r} (fingerprint "
             f"{saved['fingerprint'][:12]}) and is now {current['name']!r} (fingerprint "
             f"{current['fingerprint'][:12]}); resume with the run's data, or start a new run")
+
+
+def _fit_model_to_data(cfg: ModelConfig, tokenizer, tc: TrainConfig,
+                       dtypes: dict) -> tuple[ModelConfig, dict]:
+    """The model as trained: the tokenizer's vocabulary, a context of at least seq_len and
+    the precision's dtypes (``TrainConfig.model_dtypes``). A changed vocabulary or context
+    is said in one line and kept in config.json (``replaced``: field -> [given, used])."""
+    fitted = cfg.replace(vocab_size=tokenizer.vocab_size,
+                         max_seq_len=max(cfg.max_seq_len, tc.seq_len), **dtypes)
+    replaced = {f: [getattr(cfg, f), getattr(fitted, f)]
+                for f in ("vocab_size", "max_seq_len") if getattr(cfg, f) != getattr(fitted, f)}
+    if replaced and jax.process_index() == 0:
+        print("model: " + ", ".join(f"{f} {a} -> {b}" for f, (a, b) in replaced.items())
+              + f" (to fit the tokenizer {tokenizer.name} and seq_len {tc.seq_len})")
+    return fitted, replaced
 
 
 def _run_info(cfg, tc, tokenizer, corpus, train_ds, val_ds) -> dict:

@@ -44,3 +44,10 @@ def test_a_closed_pipe_ends_quietly():
     out = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True,
                          timeout=120)
     assert out.stderr == "" and out.returncode == 0
+
+
+def test_a_zero_token_budget_is_refused_not_ignored(capsys):
+    """Issue 13, item 12: `--tokens 0` was dropped in favour of --steps."""
+    args = ["train", "--preset", "tiny", "--tokens", "0", "--out", "unused-run-dir"]
+    assert cli.main(args) == 2
+    assert "TrainConfig.tokens=0 is invalid: expected a positive integer" in capsys.readouterr().err

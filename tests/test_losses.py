@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from palmlite import cross_entropy_and_z_loss
 
@@ -30,3 +31,12 @@ def test_z_loss_is_zero_when_the_normaliser_is_one():
     logits = jax.nn.log_softmax(jax.random.normal(jax.random.key(2), (3, 6, 9)))
     _, z = cross_entropy_and_z_loss(logits, jnp.zeros((3, 6), jnp.int32))
     assert float(z) < 1e-10
+
+
+def test_an_out_of_range_target_is_an_error_eagerly_and_nan_under_jit():
+    """Issue 13, item 12: documented contract: eager calls check targets, jit does not."""
+    logits = jnp.zeros((1, 2, 8))
+    with pytest.raises(ValueError, match="target id out of range: values from 1 to 8"):
+        cross_entropy_and_z_loss(logits, jnp.array([[1, 8]]))
+    ce, _ = jax.jit(cross_entropy_and_z_loss)(logits, jnp.array([[1, 8]]))
+    assert jnp.isnan(ce)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from palmlite import ModelConfig, Transformer, cross_entropy_and_z_loss
+from palmlite import ModelConfig, Transformer, cross_entropy_and_z_loss, presets
 from palmlite.config import ABSOLUTE_POSITIONS, ACTIVATIONS, BLOCKS, NORMS, POSITIONS, REMATS
 
 SMALL = dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
@@ -198,3 +198,19 @@ def test_blocked_attention_equals_jax_attention(position, n_kv_heads):
     (l1, g1) = loss_and_grads(build(attention_impl="blocked", attention_block=5, **common))
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g0)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m: m(jnp.full((1, 4), 64)), "token id out of range: values from 64 to 64, expected 0 .. 63"),
+    (lambda m: m(jnp.array([[0, -1]])), "token id out of range"),
+    (lambda m: m(jnp.zeros((1, 17), jnp.int32)), "longer than max_seq_len=16"),
+    (lambda m: m(jnp.zeros((1, 4), jnp.int32), jnp.array([[0, 1, 2, 16]])), "position out of range"),
+])
+def test_eager_calls_refuse_ids_a_gather_would_clamp(call, match):
+    """Issue 13, item 12: under jit an embedding lookup clamps an id >= its table's length
+    (a silently wrong answer); an eager call checks, where it costs one reduction."""
+    cfg = presets.get("tiny", vocab_size=64, position="learned", max_seq_len=16, n_layers=1)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=match):
+        call(model)
+    assert model(jnp.zeros((1, 4), jnp.int32), jnp.array([[-1, 0, 1, 15]])).shape == (1, 4, 64)

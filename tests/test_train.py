@@ -41,8 +41,10 @@ def params(model):
     return jax.tree.leaves(nnx.state(model))
 
 
-def test_loss_falls_and_metrics_are_recorded(corpus, tmp_path):
+def test_loss_falls_and_metrics_are_recorded(corpus, tmp_path, capsys):
     result = train(MODEL, config(corpus, steps=60), out=tmp_path / "run")
+    # MODEL's vocab_size (the default 8192) became the byte tokenizer's 259: said, and kept.
+    assert "model: vocab_size 8192 -> 259 (to fit the tokenizer bytes and seq_len 32)" in capsys.readouterr().out
     losses = [m["loss"] for m in result.metrics]
     assert losses[-1] < losses[0] - 1.0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -56,6 +58,7 @@ def test_loss_falls_and_metrics_are_recorded(corpus, tmp_path):
     assert 0.9 < bytes_per_token < 1
     assert math.isclose(last["bits_per_byte"], last["loss"] / math.log(2) / bytes_per_token)
     assert info["model"]["vocab_size"] == 259 and info["train"]["steps"] == 60
+    assert info["replaced"] == {"vocab_size": [8192, 259]}
     assert info["data"]["tokenizer"]["fingerprint"] and info["data"]["corpus"]["fingerprint"]
     assert info["device"]["platform"] == "cpu" and info["versions"]["jax"] == jax.__version__
 
