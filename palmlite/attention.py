@@ -158,6 +158,14 @@ def padding_mask(pos_BxT: jax.Array) -> jax.Array:
 
 
 # ---- causal attention in query blocks ------------------------------------------------------
+def check_platform(cfg: ModelConfig) -> None:
+    """cuDNN's fused attention exists only on NVIDIA GPUs: refuse it elsewhere with the
+    field's name, before anything compiles (JAX would fail later, "cuDNN is not detected")."""
+    if cfg.attention_impl == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"ModelConfig.attention_impl='cudnn' needs an NVIDIA GPU, and JAX runs "
+                         f"on {jax.default_backend()!r} here: use 'blocked' or 'xla'")
+
+
 def blocked_causal_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
                              bias_BxNxTxT: jax.Array | None, mask_Bx1xTxT: jax.Array | None,
                              block: int) -> jax.Array:
@@ -282,6 +290,7 @@ class Attention(nnx.Module):
             return self.o(out_BxTxNxH), None
         if cache is None:  # "cudnn": one fused flash-attention kernel, no T x S matrix in
             # memory (unless a mask or bias is one)
+            check_platform(self.cfg)
             out_BxTxNxH = jax.nn.dot_product_attention(
                 q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, bias=bias_BxNxTxS, mask=mask_Bx1xTxS,
                 is_causal=True, implementation=self.cfg.attention_impl)

@@ -56,8 +56,9 @@ def _train(args) -> None:
 
 
 def _generate(args) -> None:
-    from palmlite.generate import generate
+    from palmlite.generate import check_sampling, generate
     from palmlite.train import load_run
+    check_sampling(args.temperature, args.top_k, args.top_p, args.seed)  # before the run loads
     model, tokenizer, _ = load_run(args.run)
     print(generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
@@ -135,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"palmlite {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, FloatingPointError) as e:  # OSError: files, permissions
+    # OSError: files and permissions; ImportError: an optional dependency, named with its pip
+    # install in the message; FloatingPointError: the NaN guard.
+    except (ValueError, OSError, FloatingPointError, ImportError) as e:
         print(f"palmlite {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -24,6 +24,8 @@ ATTENTION_IMPLS = ("blocked", "xla", "cudnn")
 REMATS = ("none", "full", "dots")
 # Every string toggle of ModelConfig and its allowed values: the one list that validation,
 # the tests and the notebooks read.
+# Seeds are 32-bit: numpy's generators and jax.random.key take any of them (and no larger).
+MAX_SEED = 2**32 - 1
 TOGGLES = {"norm": NORMS, "activation": ACTIVATIONS, "block": BLOCKS, "position": POSITIONS,
            "dtype": DTYPES, "param_dtype": DTYPES, "attention_impl": ATTENTION_IMPLS,
            "remat": REMATS}
@@ -279,8 +281,10 @@ class TrainConfig:
         for name in ("batch_size", "seq_len", "log_every", "eval_batches", "keep_checkpoints",
                      "steps_per_call"):
             req(getattr(self, name) > 0, name, "a positive integer")
-        for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed", "split_seed"):
+        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
             req(getattr(self, name) >= 0, name, "an integer >= 0")
+        for name in ("seed", "split_seed"):
+            req(0 <= getattr(self, name) <= MAX_SEED, name, f"an integer from 0 to {MAX_SEED}")
         req((self.steps is None) != (self.tokens is None), "steps",
             f"exactly one of steps and tokens to be set (tokens={self.tokens!r})")
         for name in ("steps", "tokens"):

@@ -21,6 +21,7 @@ import dataclasses
 import glob
 import hashlib
 import os
+import re
 import sysconfig
 import urllib.error
 import urllib.request
@@ -106,10 +107,13 @@ def arithmetic_corpus(spec: str = "arithmetic", **options) -> Corpus:
     _, _, text = spec.partition(":")
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
-        options[key] = int(value) if value.isdigit() else value
+        options[key] = int(value) if re.fullmatch(r"-?\d+", value) else value
     allowed = ("n", "seed", "operators", "min_digits", "max_digits", "lines")
     if unknown := sorted(set(options) - set(allowed)):
         raise ValueError(f"corpus {spec!r}: unknown option(s) {unknown}; expected {allowed}")
+    for key in sorted(set(options) - {"operators"}):
+        if not isinstance(options[key], int) or isinstance(options[key], bool):
+            raise ValueError(f"corpus {spec!r}: {key}={options[key]!r} is invalid: expected an integer")
     lines = options.pop("lines", 1)
     if not (isinstance(lines, int) and lines >= 1):
         raise ValueError(f"corpus {spec!r}: lines={lines!r} is invalid: expected an integer >= 1")

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from palmlite.attention import init_cache
-from palmlite.config import ModelConfig
+from palmlite.config import MAX_SEED, ModelConfig
 from palmlite.model import Transformer
 
 PROMPT_BUCKET = 16  # prompt lengths round up to a multiple of this: fewer compiled shapes
@@ -59,7 +59,11 @@ def sample(key: jax.Array, logits_BxV: jax.Array, temperature: jax.Array, top_k:
     return jax.lax.cond(temperature > 0, draw, greedy, logits_BxV.astype(jnp.float32))
 
 
-def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None,
+                   seed: int = 0) -> None:
+    """Sampling settings a decode can use, or a ValueError naming the one that is not."""
+    if not (isinstance(seed, int) and 0 <= seed <= MAX_SEED):
+        raise ValueError(f"seed={seed!r} is invalid: expected an integer from 0 to {MAX_SEED}")
     if not temperature >= 0:
         raise ValueError(f"temperature={temperature!r} is invalid: expected >= 0")
     if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
@@ -155,7 +159,7 @@ def generate_tokens(model, prompt_BxT, *, prompt_lengths_B=None, max_new_tokens:
     if max_new_tokens < 1 or T + max_new_tokens > cfg.max_seq_len:
         raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: expected >= 1 and a "
                          f"prompt of {T} plus new tokens within max_seq_len={cfg.max_seq_len}")
-    _check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, seed)
     is_stop_V = np.zeros(cfg.vocab_size, bool)
     is_stop_V[list(stop_ids)] = True
     knobs = Knobs(jnp.float32(temperature), jnp.int32(top_k or 0), jnp.float32(top_p or 1.0),

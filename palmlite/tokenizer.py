@@ -186,9 +186,17 @@ def load(path: str | os.PathLike, *, num_threads: int | None = None) -> Sentence
     if not path.is_file():
         raise FileNotFoundError(f"no SentencePiece model at {str(path)!r}")
     sidecar = _options_path(path)  # the training options, when train() wrote the model
-    options = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-    return SentencePieceTokenizer(path.read_bytes(), path=path, options=options,
-                                  num_threads=num_threads)
+    try:
+        options = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(sidecar)!r} is not valid JSON ({e}): delete it, or retrain the "
+                         "tokenizer") from None
+    try:
+        return SentencePieceTokenizer(path.read_bytes(), path=path, options=options,
+                                      num_threads=num_threads)
+    except RuntimeError as e:  # sentencepiece's parse error, e.g. "INTERNAL: ... ParseFromArray"
+        raise ValueError(f"{str(path)!r} is not a SentencePiece model ({str(e).strip()}); train "
+                         "one with tokenizer='bpe:SIZE' or 'unigram:SIZE'") from None
 
 
 def train(source, vocab_size: int, *, model_type: str = "bpe", split_digits: bool = True,

@@ -11,15 +11,13 @@ parameters stay as they were) and is reported, with its step, at the next sync.
 ``TrainConfig.mesh`` (e.g. ``"data=2,tensor=4"``) runs the same step on a device mesh
 (``palmlite.sharding``): the state is created sharded, each batch is placed split over the
 batch axes, and the step is jitted with those shardings. ``mesh=None`` is the one-device
-path, untouched.
+path, untouched. What a run directory holds, and how it is read back: ``palmlite.runs``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -32,8 +30,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from palmlite import __version__
 from palmlite.accounting import count_params, device_peak_flops, flops_per_token
+from palmlite.attention import check_platform
 from palmlite.checkpoint import Checkpointer
 from palmlite.config import ModelConfig, TrainConfig
 from palmlite.data import TokenDataset, get_tokenizer, load_corpus
@@ -44,12 +42,8 @@ from palmlite.model import Transformer
 from palmlite.moe import moe_stats
 from palmlite import schedules
 from palmlite import presets
+from palmlite import runs
 from palmlite import sharding
-
-# Fields that may differ when resuming (they do not change what is computed).
-RESUMABLE_CHANGES = {"steps", "tokens", "log_every", "eval_every", "checkpoint_every",
-                     "keep_checkpoints", "quiet", "mesh", "steps_per_call"}
-
 
 @dataclasses.dataclass
 class TrainResult:
@@ -188,6 +182,7 @@ def train(model: ModelConfig | str = "small", config: TrainConfig | None = None,
     cfg = presets.get(model) if isinstance(model, str) else model
     tc = (config or TrainConfig()).replace(**overrides)
     dtypes = tc.model_dtypes(cfg)  # the precision sets the model's dtypes; a disagreement raises
+    check_platform(cfg)  # a toggle this machine cannot run (cuDNN attention off an NVIDIA GPU)
     tc.check_moe_groups(cfg)
     mesh = None if tc.mesh is None else sharding.make_mesh(tc.mesh)  # checks the device count
     batch_sharding = None if mesh is None else \
@@ -195,38 +190,21 @@ def train(model: ModelConfig | str = "small", config: TrainConfig | None = None,
     setup = dict(dtypes=dtypes, mesh=mesh, batch_sharding=batch_sharding, t_start=t_start)
     if out is None:  # everything above is checked before a run directory is touched
         return _train(cfg, tc, None, resume, **setup)
-    with _run_lock(Path(out)):
+    with runs.run_lock(Path(out)):
         return _train(cfg, tc, Path(out), resume, **setup)
 
-
-@contextlib.contextmanager
-def _run_lock(run_dir: Path):
-    """Hold ``<run>/.lock`` while training (the OS releases it if the process dies)."""
-    from filelock import FileLock, Timeout
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(run_dir / ".lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise ValueError(f"{str(run_dir)!r} is in use by another trainer (it holds "
-                         f"{str(run_dir / '.lock')!r}); wait for it, or train into another "
-                         "directory") from None
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def _train(cfg: ModelConfig, tc: TrainConfig, run_dir: Path | None, resume: bool, *, dtypes,
            mesh, batch_sharding, t_start: float) -> TrainResult:
     cache_before = dict(COMPILATION_CACHE_COUNTS)
     if run_dir is not None:
-        cfg, tc = _prepare_run_dir(run_dir, cfg, tc, resume)
+        cfg, tc = runs.prepare_run_dir(run_dir, cfg, tc, resume)
 
     corpus = load_corpus(tc.corpus)
-    _same_data_as_saved(run_dir if resume else None, "corpus", corpus)
+    runs.same_data_as_saved(run_dir if resume else None, "corpus", corpus)
     tokenizer = get_tokenizer(tc.tokenizer, corpus)
-    _same_data_as_saved(run_dir if resume else None, "tokenizer", tokenizer)
+    runs.same_data_as_saved(run_dir if resume else None, "tokenizer", tokenizer)
     cfg, replaced = _fit_model_to_data(cfg, tokenizer, tc, dtypes)
     split = dict(val_fraction=tc.val_fraction, seed=tc.split_seed)
     train_ds = TokenDataset(corpus, tokenizer, split="train", **split)
@@ -242,7 +220,7 @@ def _train(cfg: ModelConfig, tc: TrainConfig, run_dir: Path | None, resume: bool
         restored = ckpt.restore_latest(state, move_damaged=True)
         if restored is not None:
             start, state, _ = restored
-    info = dict(_run_info(cfg, tc, tokenizer, corpus, train_ds, val_ds), replaced=replaced)
+    info = dict(runs.run_info(cfg, tc, tokenizer, corpus, train_ds, val_ds), replaced=replaced)
     if run_dir is not None and jax.process_index() == 0:
         if tokenizer.path is not None:  # keep the vocabulary with the run
             shutil.copyfile(tokenizer.path, run_dir / "tokenizer.model")
@@ -285,7 +263,7 @@ class _Loop:
         call ending at the latest at the next log/eval/checkpoint step."""
         tc, total, k = self.tc, self.tc.total_steps, self.tc.steps_per_call
         if self.run_dir is not None:
-            self.metrics = _read_metrics(self.run_dir / "metrics.jsonl", upto=start)
+            self.metrics = runs.read_metrics(self.run_dir / "metrics.jsonl", upto=start)
         shape = (tc.batch_size, tc.seq_len + 1) if k == 1 else (k, tc.batch_size, tc.seq_len + 1)
         t0 = time.perf_counter()  # compiled ahead of time: tokens/s never includes compiling
         args = [jax.ShapeDtypeStruct(shape, jnp.int32)] + \
@@ -412,53 +390,6 @@ def _progress(total: int, start: int, quiet: bool):
     return tqdm(total=total, initial=start, unit="step")
 
 
-def _read_metrics(path: Path, upto: int) -> list[dict]:
-    """Existing metric lines up to step ``upto``; later ones (from a killed run) are dropped."""
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in rows if r["step"] <= upto]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-    return kept
-
-
-# ---- run directories ---------------------------------------------------------------------
-def _prepare_run_dir(run_dir: Path, cfg: ModelConfig, tc: TrainConfig, resume: bool):
-    saved_path = run_dir / "config.json"
-    has_checkpoints = (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir())
-    if not resume:
-        if has_checkpoints:
-            raise ValueError(f"{str(run_dir)!r} already holds a run: resume it (--resume / "
-                             "resume=True) or choose another output directory")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        return cfg, tc
-    if not saved_path.exists():
-        raise FileNotFoundError(f"cannot resume: {str(saved_path)!r} does not exist")
-    saved = json.loads(saved_path.read_text())
-    saved_tc = TrainConfig.from_dict(saved["train"])
-    changed = {k for k, v in tc.to_dict().items() if v != getattr(saved_tc, k)}
-    if changed - RESUMABLE_CHANGES:
-        raise ValueError(f"cannot resume {str(run_dir)!r} with changed settings "
-                         f"{sorted(changed - RESUMABLE_CHANGES)}; only {sorted(RESUMABLE_CHANGES)} "
-                         "may change")
-    return ModelConfig.from_dict(saved["model"]), tc
-
-
-def _same_data_as_saved(run_dir: Path | None, kind: str, now) -> None:
-    """A resumed run must see the corpus and tokenizer it was trained on: new token ids
-    under old embeddings would train on silently (``now``: a Corpus or a tokenizer)."""
-    if run_dir is None:
-        return
-    saved = json.loads((run_dir / "config.json").read_text())["data"][kind]
-    current = now.to_dict()
-    if saved["fingerprint"] != current["fingerprint"]:
-        raise ValueError(
-            f"cannot resume {str(run_dir)!r}: its {kind} was {saved['name']!r} (fingerprint "
-            f"{saved['fingerprint'][:12]}) and is now {current['name']!r} (fingerprint "
-            f"{current['fingerprint'][:12]}); resume with the run's data, or start a new run")
-
-
 def _fit_model_to_data(cfg: ModelConfig, tokenizer, tc: TrainConfig,
                        dtypes: dict) -> tuple[ModelConfig, dict]:
     """The model as trained: the tokenizer's vocabulary, a context of at least seq_len and
@@ -474,32 +405,10 @@ def _fit_model_to_data(cfg: ModelConfig, tokenizer, tc: TrainConfig,
     return fitted, replaced
 
 
-def _run_info(cfg, tc, tokenizer, corpus, train_ds, val_ds) -> dict:
-    device = jax.devices()[0]
-    return dict(model=cfg.to_dict(), train=tc.to_dict(),
-                data=dict(corpus=corpus.to_dict(), tokenizer=tokenizer.to_dict(),
-                          train=train_ds.to_dict(), validation=val_ds.to_dict()),
-                device=dict(platform=device.platform, kind=device.device_kind,
-                            count=jax.device_count()),
-                versions=dict(palmlite=__version__, jax=jax.__version__, python=platform.python_version(),
-                              **{m: _version(m) for m in ("flax", "optax", "orbax.checkpoint")}))
-
-
-def _version(module: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version(module.replace(".", "-"))
-    except PackageNotFoundError:
-        return None
-
-
 def load_run(run_dir: str | Path) -> tuple[Transformer, Any, dict]:
     """(model with the newest checkpoint's parameters, tokenizer, config.json) of a run."""
     run_dir = Path(run_dir)
-    info_path = run_dir / "config.json"
-    if not info_path.exists():
-        raise FileNotFoundError(f"no run at {str(run_dir)!r}: {str(info_path)!r} is missing")
-    info = json.loads(info_path.read_text())
+    info = runs.read_config(run_dir)
     cfg, tc = ModelConfig.from_dict(info["model"]), TrainConfig.from_dict(info["train"])
     from palmlite import tokenizer as tokenizers
     tok = tokenizers.ByteTokenizer() if tc.tokenizer == "bytes" else \

@@ -51,3 +51,57 @@ def test_a_zero_token_budget_is_refused_not_ignored(capsys):
     args = ["train", "--preset", "tiny", "--tokens", "0", "--out", "unused-run-dir"]
     assert cli.main(args) == 2
     assert "TrainConfig.tokens=0 is invalid: expected a positive integer" in capsys.readouterr().err
+
+
+def _bad_inputs(tmp):
+    """Issue 13, item 11: (files to make, arguments) for each bad input."""
+    (tmp / "x.model").write_text("garbage")
+    (tmp / "afile").write_text("")
+    for name, text in (("empty", "{}"), ("torn", '{"model": {"d_')):
+        (tmp / name).mkdir()
+        (tmp / name / "config.json").write_text(text)
+    train = ["train", "--preset", "tiny", "--steps", "1", "--tokenizer", "bytes"]
+    return {
+        "a garbage tokenizer model": ([*train, "--tokenizer", str(tmp / "x.model"), "--out", str(tmp / "r")],
+                                      "is not a SentencePiece model"),
+        "arithmetic:n=abc": ([*train, "--corpus", "arithmetic:n=abc", "--out", str(tmp / "r")],
+                             "n='abc' is invalid: expected an integer"),
+        "arithmetic:max_digits=-3": ([*train, "--corpus", "arithmetic:max_digits=-3", "--out", str(tmp / "r")],
+                                     "digits (1, -3) are invalid"),
+        "cuDNN attention on a CPU": ([*train, "--set", "train.precision=bf16", "--set",
+                                     "model.attention_impl=cudnn", "--out", str(tmp / "r")],
+                                    "attention_impl='cudnn' needs an NVIDIA GPU"),
+        "--out is a file": ([*train, "--out", str(tmp / "afile")], "is a file, not a run directory"),
+        "config.json of {}": (["generate", "--run", str(tmp / "empty"), "--prompt", "x"],
+                              "is not a palmlite run's config: it lacks ['model', 'train', 'data']"),
+        "a torn config.json": (["generate", "--run", str(tmp / "torn"), "--prompt", "x"],
+                               "config.json' is not valid JSON"),
+        "generate --seed 2**70": (["generate", "--run", str(tmp / "empty"), "--prompt", "x",
+                                   "--seed", str(2**70)], "seed=1180591620717411303424 is invalid"),
+        "train.seed=2**64": ([*train, "--set", f"train.seed={2**64}", "--out", str(tmp / "r")],
+                             "TrainConfig.seed=18446744073709551616 is invalid"),
+    }
+
+
+def test_every_bad_input_gets_one_clear_line_and_no_traceback(tmp_path, capsys):
+    for name, (args, message) in _bad_inputs(tmp_path).items():
+        assert cli.main(args) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, (name, err)
+    assert not (tmp_path / "r" / "checkpoints").exists()  # refused before any training
+
+
+def test_a_missing_optional_dependency_says_what_to_install(capsys, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets":
+            raise ImportError("No module named 'datasets'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    args = ["train", "--preset", "tiny", "--steps", "1", "--corpus", "hf:wikitext", "--out", "unused"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "`pip install datasets`" in err and len(err.splitlines()) == 1

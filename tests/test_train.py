@@ -127,6 +127,19 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes(corpus, 
         train(MODEL, config(corpus, steps=80), out=run, resume=True)
 
 
+def test_a_torn_last_metrics_line_is_dropped_with_a_warning_and_the_run_resumes(corpus, tmp_path):
+    """Issue 13, item 11: a kill while a metrics line was written left half a line, and
+    every later resume failed on it."""
+    run = tmp_path / "run"
+    train(MODEL, config(corpus), out=run)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 50, "lo')
+    with pytest.warns(UserWarning, match="dropped a torn last line"):
+        result = train(MODEL, config(corpus, steps=60), out=run, resume=True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20, 30, 40, 50, 60] == [m["step"] for m in result.metrics]
+
+
 def test_resume_refuses_a_changed_corpus_naming_both_fingerprints(corpus, tmp_path):
     """Issue 13: a changed corpus directory was retrained on under the old embeddings."""
     run = tmp_path / "run"
