@@ -22,6 +22,7 @@ eos=258. ``decode`` drops bos, eos and pad.
 from __future__ import annotations
 
 import abc
+import collections
 import hashlib
 import io
 import json
@@ -32,6 +33,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import sentencepiece as spm
 
 from palmlite.files import atomic_write_bytes, atomic_write_text, cache_dir
@@ -202,6 +204,7 @@ def load(path: str | os.PathLike, *, num_threads: int | None = None) -> Sentence
 def train(source, vocab_size: int, *, model_type: str = "bpe", split_digits: bool = True,
           byte_fallback: bool = True, split_by_whitespace: bool = False,
           out: str | os.PathLike | None = None, max_sentences: int | None = None, seed: int = 0,
+          character_coverage: float | None = None,
           num_threads: int | None = os.cpu_count()) -> SentencePieceTokenizer:
     """Train a lossless SentencePiece vocabulary with PaLM's options (PaLM §2).
 
@@ -214,6 +217,15 @@ def train(source, vocab_size: int, *, model_type: str = "bpe", split_digits: boo
     or "):\\n▁▁▁▁" become single tokens: 4.07 instead of 3.60 bytes per token on pystdlib
     at 8k. SentencePiece's default (True) ends every piece at a space; unigram trains several
     times slower with False.
+
+    ``split_digits`` splits the ASCII digits 0-9 (SentencePiece's rule, and PaLM's data):
+    other Unicode digits ("٣", "𝟘") are ordinary characters and may merge with neighbours.
+
+    ``character_coverage``: the share of the text's characters that get a piece of their
+    own; the rest are spelled in bytes. None picks it from the data: 0.9999 (SentencePiece's
+    default, 0.9995, leaves out more), lowered just enough for the characters to fit in
+    vocab_size when the text has a long tail of rare ones (with byte fallback; SentencePiece
+    goes no lower than 0.98).
 
     ``out=None`` stores the model in ``cache_dir("tokenizers")`` under a hash of the text and
     every option, and a later call with the same inputs just loads it; with ``out`` the model
@@ -231,19 +243,63 @@ def train(source, vocab_size: int, *, model_type: str = "bpe", split_digits: boo
     options = dict(recipe=RECIPE, text_fingerprint=_fingerprint(documents), model_type=model_type,
                    vocab_size=vocab_size, split_digits=split_digits, byte_fallback=byte_fallback,
                    split_by_whitespace=split_by_whitespace, max_sentences=max_sentences, seed=seed)
+    if character_coverage is not None:  # (absent when None: the cache keys of before stay)
+        if not MIN_COVERAGE <= character_coverage <= 1:
+            raise ValueError(f"character_coverage={character_coverage!r} is invalid: expected "
+                             f"a number from {MIN_COVERAGE} to 1 (SentencePiece's range), or "
+                             "None (picked from the data)")
+        options["character_coverage"] = character_coverage
     if out is None:
         key = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
         out = cache_dir("tokenizers") / f"sp-{model_type}-{vocab_size}-{key}.model"
         if out.is_file():
             return load(out, num_threads=num_threads)
     sentences = _sample(_sentences(documents), max_sentences, seed)
-    model = _train_model(sentences, options, num_threads or 1)
+    model, coverage = _train_fitting(sentences, options, num_threads or 1)
+    options["character_coverage_used"] = coverage
     atomic_write_text(_options_path(Path(out)), json.dumps(options, indent=1))
     atomic_write_bytes(out, model)  # last: a model file on disk is always a complete one
     return load(out, num_threads=num_threads)
 
 
-def _train_model(sentences: list[str], options: dict, num_threads: int) -> bytes:
+MIN_COVERAGE = 0.98  # SentencePiece refuses a character_coverage below this
+
+
+def _train_fitting(sentences: list[str], options: dict, num_threads: int) -> tuple[bytes, float]:
+    """(model, its character coverage). With the coverage picked from the data, a vocabulary
+    SentencePiece still finds a few characters too small for (it counts them its own way)
+    is retried with that many fewer, twice at most."""
+    slack = 0
+    for attempt in range(3):
+        coverage = options.get("character_coverage") or _coverage(sentences, options, slack)
+        try:
+            return _train_model(sentences, options, coverage, num_threads), coverage
+        except _VocabTooSmall as e:
+            if "character_coverage" in options or coverage <= MIN_COVERAGE or attempt == 2:
+                raise
+            slack += e.needed - options["vocab_size"]
+
+
+def _coverage(sentences: list[str], options: dict, slack: int = 0,
+              default: float = 0.9999) -> float:
+    """``default``, or with byte fallback the largest coverage whose characters fit in the
+    vocabulary beside the special and byte pieces (SentencePiece keeps the most frequent
+    characters until their share of the text reaches the coverage)."""
+    counts = sorted(collections.Counter("".join(sentences)).values(), reverse=True)
+    room = options["vocab_size"] - 4 - 256 * options["byte_fallback"] - 1 - slack
+    share = np.cumsum(counts) / max(sum(counts), 1)
+    if not options["byte_fallback"] or len(counts) <= room:
+        return default
+    if room < 1:
+        return MIN_COVERAGE  # no room for any character: SentencePiece will say how many
+    if share[room - 1] >= default:
+        return default
+    # the room most frequent characters, and no more (if SentencePiece allows so few)
+    return max(float(share[room - 1]) - 1e-9, MIN_COVERAGE)
+
+
+def _train_model(sentences: list[str], options: dict, coverage: float,
+                 num_threads: int) -> bytes:
     _reject_surrogates(sentences)  # else pybind11 fails mid-training with an opaque message
     buffer = io.BytesIO()
     try:
@@ -256,9 +312,8 @@ def _train_model(sentences: list[str], options: dict, num_threads: int) -> bytes
             # space, add no space in front of the text, and allow pieces made of spaces only.
             normalization_rule_name="identity", remove_extra_whitespaces=False,
             add_dummy_prefix=False, allow_whitespace_only_pieces=True,
-            # The 0.9995 default leaves rare characters out; without byte fallback they would
-            # become unk. Those left out here are spelled in bytes.
-            character_coverage=0.9999,
+            # Characters left out are spelled in bytes (see train's character_coverage).
+            character_coverage=coverage,
             unk_id=0, bos_id=1, eos_id=2, pad_id=3,
             max_sentence_length=4 * MAX_SENTENCE_CHARS,  # bytes, and a char has at most 4
             num_threads=num_threads, minloglevel=2)  # 2: errors only, no training log
@@ -267,11 +322,18 @@ def _train_model(sentences: list[str], options: dict, num_threads: int) -> bytes
     return buffer.getvalue()
 
 
+class _VocabTooSmall(ValueError):
+    def __init__(self, message: str, needed: int):
+        super().__init__(message)
+        self.needed = needed
+
+
 def _vocab_size_error(message: str, vocab_size: int) -> Exception:
     """Turn SentencePiece's vocabulary-size errors into a ValueError that states the limit."""
     if m := re.search(r"smaller than required_chars\. \d+ vs (\d+)", message):
-        return ValueError(f"vocab_size={vocab_size} is too small for this text: it needs at least "
-                          f"{m[1]} (special pieces, byte pieces and the text's characters)")
+        return _VocabTooSmall(
+            f"vocab_size={vocab_size} is too small for this text: it needs at least {m[1]} "
+            "(special pieces, byte pieces and the text's characters)", needed=int(m[1]))
     if m := re.search(r"value <= (\d+)", message):
         return ValueError(f"vocab_size={vocab_size} is too large for this text: at most {m[1]} "
                           f"pieces can be learned from it (use more text or a smaller vocab_size)")

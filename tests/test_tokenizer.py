@@ -216,6 +216,31 @@ def test_vocab_size_limits_from_the_text(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
+def test_a_long_tail_of_rare_characters_is_spelled_in_bytes(tmp_path):
+    """Issue 13, item 14: ~1,000 rare characters (~1% of the text) do not fit in 600 pieces
+    beside the 256 bytes. A fixed coverage of 0.9999 fails; None picks one that fits, and the
+    rare characters are spelled in bytes, losslessly."""
+    rng = random.Random(0)
+    docs = [CORPUS[i] * 8 + "".join(chr(0x4E00 + rng.randrange(3000)) for _ in range(20))
+            for i in range(60)]
+    with pytest.raises(ValueError, match="vocab_size=600 is too small for this text"):
+        tk.train(docs, 600, out=tmp_path / "fixed.model", character_coverage=0.9999)
+    tok = tk.train(docs, 600, out=tmp_path / "auto.model")
+    assert 0.98 <= tok.options["character_coverage_used"] < 0.9999
+    assert all(tok.decode(tok.encode(d)) == d for d in docs[:10])
+    with pytest.raises(ValueError, match=r"character_coverage=0.5 is invalid: expected a number from 0.98"):
+        tk.train(docs, 600, character_coverage=0.5)
+
+
+def test_split_digits_splits_ascii_digits_only(tmp_path):
+    """Documented: SentencePiece's split_digits is for 0-9; Arabic-Indic digits in the text
+    are ordinary characters and merge like letters."""
+    docs = [f"x = {i % 10}{i % 7}{i % 3} + ٣٣٣٣ and ٤٥٦\n" * 20 for i in range(100)]
+    tok = tk.train(docs, 300, out=tmp_path / "digits.model")
+    assert all(len(p) == 1 for p in tok.pieces("123456") if p.isdigit())
+    assert any(len(p) > 1 for p in tok.pieces("٣٣٣٣"))
+
+
 def test_bad_model_type_and_empty_text():
     with pytest.raises(ValueError, match=r"model_type='wordpiece' .* \('bpe', 'unigram'\)"):
         tk.train(CORPUS, 400, model_type="wordpiece")
