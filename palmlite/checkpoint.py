@@ -14,7 +14,10 @@ shardings the target carries: a run saved on one mesh resumes on another (``palm
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -22,6 +25,22 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold a SIGINT (Ctrl-C) until the block ends, then raise it as KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread receives signals
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 class Checkpointer:
@@ -34,9 +53,12 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict) -> None:
+        """Write step ``step``; a Ctrl-C meanwhile takes effect once it is written (a save
+        cut short leaves orbax's threads failing at exit and the step half-written)."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self.manager.save(step, args=args, force=True)
-        self.manager.wait_until_finished()
+        with _sigint_deferred():
+            self.manager.save(step, args=args, force=True)
+            self.manager.wait_until_finished()
 
     def restore_latest(self, target: Any, move_damaged: bool = False
                        ) -> tuple[int, Any, dict] | None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+from pathlib import Path
 
 from palmlite import presets
 from palmlite.accounting import count_params, flops_per_token, kv_cache_bytes_per_token
@@ -76,6 +78,14 @@ def _figures(args) -> None:
         print(f"figure {path}")
 
 
+def _resume_hint(args, argv: list[str] | None) -> str:
+    """"; resume with: palmlite train ... --resume" after an interrupted run with a checkpoint."""
+    if args.command != "train" or not (Path(args.out) / "checkpoints").is_dir():
+        return ""
+    words = [w for w in (sys.argv[1:] if argv is None else argv) if w != "--resume"]
+    return "; resume with: palmlite " + " ".join(shlex.quote(w) for w in words + ["--resume"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="palmlite", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -133,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `palmlite presets | head`: the reader left, nothing to say
         sys.stderr.close()  # and no second error when Python flushes stdout at exit
         return 0
-    except KeyboardInterrupt:
-        print(f"palmlite {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, and for a training run how to resume
+        print(f"palmlite {args.command}: {e or 'interrupted'}" + _resume_hint(args, argv),
+              file=sys.stderr)
         return 130
     # OSError: files and permissions; ImportError: an optional dependency, named with its pip
     # install in the message; FloatingPointError: the NaN guard.

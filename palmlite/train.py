@@ -231,9 +231,11 @@ def _train(cfg: ModelConfig, tc: TrainConfig, run_dir: Path | None, resume: bool
     make_step = lambda k: make_train_step(graphdef, tx, tc.z_loss, state_sharding, batch_sharding,
                                           steps_per_call=k)
     seconds = dict(setup=time.perf_counter() - t_start)  # data, tokenizer, init, restore
-    state = loop.run(make_step, state, start)
-    if ckpt is not None:
-        ckpt.close()
+    try:
+        state = loop.run(make_step, state, start)
+    finally:  # also after Ctrl-C or the NaN guard: orbax's threads end cleanly
+        if ckpt is not None:
+            ckpt.close()
     cache = {k: v - cache_before[k] for k, v in COMPILATION_CACHE_COUNTS.items()}
     return TrainResult(nnx.merge(graphdef, state["params"]), tokenizer, loop.metrics, run_dir,
                        cfg, tc, info, {**seconds, **loop.seconds}, cache)
@@ -270,14 +272,29 @@ class _Loop:
             ([] if k == 1 else [jax.ShapeDtypeStruct((), jnp.int32)])  # + steps to train
         step_fn = make_step(k).lower(state, *args).compile()
         self.seconds["compile"] += time.perf_counter() - t0
-        bar = _progress(total, start, tc.quiet)
-        pending, t0, step = [], time.perf_counter(), start
+        bar, self.step = _progress(total, start, tc.quiet), start
+        try:
+            return self._steps(step_fn, state, shape, bar)
+        except KeyboardInterrupt:  # Ctrl-C: say where the run stands (the CLI adds how to resume)
+            raise KeyboardInterrupt(self._interrupted()) from None
+        finally:
+            bar.close()
+
+    def _interrupted(self) -> str:
+        kept = self.ckpt.steps()[-1:] if self.ckpt else []
+        return (f"interrupted near step {self.step}; " + (
+            f"the newest checkpoint is step {kept[0]}, where a resume continues" if kept else
+            "no checkpoint was saved yet" if self.ckpt else "no run directory: nothing to resume"))
+
+    def _steps(self, step_fn, state, shape, bar):
+        tc, total, k, step = self.tc, self.tc.total_steps, self.tc.steps_per_call, self.step
+        pending, t0 = [], time.perf_counter()
         while step < total:
             n = min(k, self._next_sync(step) - step)
             batch = self._place(lambda rows: self._read(step, n, k, rows), shape)
             state, m = step_fn(state, batch) if k == 1 else step_fn(state, batch, np.int32(n))
             pending.append((k, n, m))
-            step += n
+            step = self.step = step + n
             if step == self._next_sync(step - 1):
                 pending = _per_step(jax.device_get(pending))  # the only host sync
                 self.seconds["training"] += time.perf_counter() - t0
@@ -286,7 +303,6 @@ class _Loop:
                 if step == total or _every(step, tc.checkpoint_every):
                     self._checkpoint(state, step)
                 pending, t0 = [], time.perf_counter()  # evaluating and saving are not training
-        bar.close()
         return state
 
     def _next_sync(self, step: int) -> int:

@@ -105,3 +105,35 @@ def test_a_missing_optional_dependency_says_what_to_install(capsys, monkeypatch)
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "`pip install datasets`" in err and len(err.splitlines()) == 1
+
+
+def test_ctrl_c_during_training_says_where_and_how_to_resume(tmp_path):
+    """Issue 14, item 4: SIGINT mid-run exits 130 with one line, no traceback, naming the
+    step and the command that resumes; that command then continues the run."""
+    import os
+    import signal
+    import shlex
+    import time
+    run = tmp_path / "run"
+    args = ["train", "--preset", "tiny", "--tokenizer", "bytes", "--steps", "100000", "--out",
+            str(run), "--set", "train.batch_size=2", "--set", "train.seq_len=16",
+            "--set", "train.checkpoint_every=5", "--set", "train.log_every=5", "--quiet"]
+    env = dict(os.environ, PALMLITE_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.Popen([sys.executable, "-m", "palmlite.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not any(p.name.isdigit() for p in (run / "checkpoints").glob("*")) and time.time() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    last = err.strip().splitlines()[-1]
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert last.startswith("palmlite train: interrupted near step ") and "newest checkpoint is step" in last
+    command = shlex.split(last.split("resume with: ")[1])
+    assert command[0] == "palmlite" and command[-1] == "--resume"
+    newest = int(last.split("newest checkpoint is step ")[1].split(",")[0])
+    command = [w if w != "100000" else str(newest + 10) for w in command[1:]]  # 10 more steps
+    resumed = subprocess.run([sys.executable, "-m", "palmlite.cli", *command], env=env,
+                             capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"step {newest + 10}: loss" in resumed.stdout
