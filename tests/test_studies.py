@@ -100,6 +100,9 @@ def test_sweep_runs_resumes_and_records_failures(tmp_path, capsys):
     spec = make_study(tmp_path, SPEC.replace("[1, 2]", "[1, 2, 3]"))
     failed = run_study(spec, workers=2, root=tmp_path)
     assert failed == 2  # x=3 at both seeds
+    out = capsys.readouterr().out  # a line per point, and a bar over the points
+    assert "  ok     seed=5,x=2  (" in out and "  failed seed=0,x=3  (ValueError: boom at x=3" in out
+    assert "6/6" in out and "failed=2" in out
     rows = {r["point"]: r for r in read_results(tmp_path / "studies/results/toy.jsonl")}
     assert len(rows) == 6
     assert rows["seed=5,x=2"]["metrics"] == {"y": 25, "mode": "b"}

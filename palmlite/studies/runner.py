@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -184,6 +185,7 @@ def _run_one(study: Study, workers: int, only: list[str], dry_run: bool, root: P
             job = pool.submit(run_point, str(study.notebook), str(output), p, study.timeout_s,
                               env, reuse_kernel)
             jobs[job] = (p, output)
+        bar = _points_bar(study.name, len(jobs), workers)
         for job in futures.as_completed(jobs):
             p, output = jobs[job]
             row = _row(study, p, output)
@@ -194,12 +196,24 @@ def _run_one(study: Study, workers: int, only: list[str], dry_run: bool, root: P
                 failed += 1
                 row.update(status="failed", duration_s=None, error=f"{type(e).__name__}: {e}"[:2000])
             write_result(results_path, row)
-            print(f"  {row['status']:6s} {row['point']}  ({_time_text(row)})")
+            bar.write(_point_text(row))
+            bar.update(1)
+            bar.set_postfix(running=min(workers, bar.total - bar.n), failed=failed)
+        bar.close()
     for path in make_figures(study, _current_rows(study, results_path), root / "figures"):
         print(f"  figure {path}")
     if failed:
         print(f"study {study.name}: {failed} point(s) failed; see their notebooks in {runs_dir}")
     return failed
+
+
+def _points_bar(name: str, total: int, workers: int):
+    """A bar over the sweep's points: done / total, running, failed, and the ETA."""
+    from tqdm.std import tqdm
+    bar = tqdm(total=total, desc=f"  {name}", unit="point", ascii=True, dynamic_ncols=True,
+               mininterval=1, file=sys.stdout)
+    bar.set_postfix(running=min(workers, total), failed=0)
+    return bar
 
 
 def _current_rows(study: Study, results_path: Path) -> list[dict]:
@@ -269,6 +283,19 @@ def _time_split(metrics: dict, duration_s: float) -> dict:
     if not training or any(t is None for t in training):
         return {}
     return dict(seconds_training=sum(training), seconds_other=duration_s - sum(training))
+
+
+def _point_text(row: dict) -> str:
+    """One line per finished point: its key, its final validation loss (where the notebook
+    recorded one) and its time; or why it failed."""
+    if row["status"] != "ok":
+        reason = row["error"].strip().splitlines()[-1][:160] if row.get("error") else "failed"
+        return f"  failed {row['point']}  ({reason})"
+    metrics = row.get("metrics") or {}
+    runs = metrics.get("runs") or [metrics]
+    losses = [r["val_loss"] for r in runs if isinstance(r, dict) and "val_loss" in r]
+    loss = f"val_loss {', '.join(f'{v:.4f}' for v in losses)}; " if losses else ""
+    return f"  ok     {row['point']}  ({loss}{_time_text(row)})"
 
 
 def _time_text(row: dict) -> str:
