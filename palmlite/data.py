@@ -133,7 +133,8 @@ class TokenDataset:
 
     def _build(self) -> np.memmap:
         docs = [self.corpus.documents[i] for i in self.doc_ids]
-        ids = self.tokenizer.encode_batch(docs)
+        what = f"tokenising {self.corpus.name} ({self.split}) with {self.tokenizer.name}"
+        ids = _encode_with_progress(self.tokenizer, docs, what)
         eos = self.tokenizer.eos_id
         flat = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=self.dtype,
                            count=sum(len(d) + 1 for d in ids))
@@ -222,3 +223,16 @@ class Batches:
         while True:
             yield self.get(step)
             step += 1
+
+
+def _encode_with_progress(tokenizer, docs: list[str], what: str, chunk: int = 512) -> list[list[int]]:
+    """``tokenizer.encode_batch(docs)`` in chunks, with a bar (once per corpus and
+    tokenizer: the token cache keeps the result)."""
+    from tqdm.auto import tqdm
+    ids = []
+    with tqdm(total=sum(map(len, docs)), desc=what, unit="char", unit_scale=True, leave=False,
+              mininterval=1) as bar:
+        for i in range(0, len(docs), chunk):
+            ids += tokenizer.encode_batch(docs[i:i + chunk])
+            bar.update(sum(map(len, docs[i:i + chunk])))
+    return ids

@@ -255,6 +255,8 @@ def train(source, vocab_size: int, *, model_type: str = "bpe", split_digits: boo
         if out.is_file():
             return load(out, num_threads=num_threads)
     sentences = _sample(_sentences(documents), max_sentences, seed)
+    print(f"training a {model_type} tokenizer of {vocab_size} pieces on {len(sentences):,} "
+          "sentences...", flush=True)
     model, coverage = _train_fitting(sentences, options, num_threads or 1)
     options["character_coverage_used"] = coverage
     atomic_write_text(_options_path(Path(out)), json.dumps(options, indent=1))

@@ -8,19 +8,23 @@ DOCS = tuple(f"document {i}: " + "x = %d\n" % i * (i % 5 + 1) for i in range(40)
 
 
 class CountingBytes(ByteTokenizer):
-    """ByteTokenizer that counts how often it tokenises (to see the cache work)."""
+    """ByteTokenizer that counts how often a dataset is tokenised with it (to see the cache
+    work): ``calls`` is the number of token-cache builds (each encodes in several chunks)."""
 
     calls = 0
-
-    def encode_batch(self, texts):
-        CountingBytes.calls += 1
-        return super().encode_batch(texts)
 
 
 @pytest.fixture(autouse=True)
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PALMLITE_CACHE", str(tmp_path / "cache"))
     CountingBytes.calls = 0
+    build = TokenDataset._build
+
+    def counted(self):
+        CountingBytes.calls += isinstance(self.tokenizer, CountingBytes)
+        return build(self)
+
+    monkeypatch.setattr(TokenDataset, "_build", counted)
     return tmp_path / "cache"
 
 
@@ -177,3 +181,10 @@ def test_an_empty_cache_variable_means_the_default_not_the_working_directory(mon
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     assert cache_dir("tokenizers") == tmp_path / ".cache" / "palmlite" / "tokenizers"
+
+
+def test_encoding_in_chunks_with_a_bar_equals_encoding_at_once():
+    from palmlite.data import _encode_with_progress
+    tok = ByteTokenizer()
+    docs = DOCS * 3
+    assert _encode_with_progress(tok, docs, "test", chunk=2) == tok.encode_batch(docs)
