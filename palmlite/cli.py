@@ -1,4 +1,4 @@
-"""The ``palmlite`` command line: ``presets``, ``train``, ``generate``, ``sweep``, ``figures``."""
+"""The palmlite command line: presets, train, generate, sweep, figures."""
 
 from __future__ import annotations
 

@@ -103,7 +103,9 @@ def make_mesh(spec: str | dict[str, int] | None = None, devices=None) -> Mesh:
     if math.prod(shape) != len(devices):
         raise _invalid(spec, f"it needs {'a multiple of ' if -1 in shape else ''}{fixed} "
                              f"devices but {len(devices)} are available (the product of the "
-                             "sizes must equal the device count; -1 fills)")
+                             "sizes must equal the device count; -1 fills). On a CPU, "
+                             "XLA_FLAGS=--xla_force_host_platform_device_count=8 set before "
+                             "Python starts gives 8 devices")
     return jax.make_mesh(tuple(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES),
                          devices=devices)
 

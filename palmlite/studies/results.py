@@ -34,15 +34,14 @@ def write_result(path: str | Path, row: dict) -> None:
         atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
-def record(metrics: dict, result_path: str | os.PathLike | None = None) -> dict:
+def record(metrics: dict, result_path: str | os.PathLike | None = None) -> None:
     """Called by a notebook's last cell: hands its metrics to the sweep that runs it.
 
-    Outside a sweep (``result_path`` None) it only returns the metrics, so the same
-    notebook runs by hand unchanged.
+    Outside a sweep (``result_path`` None) it does nothing, so the same notebook runs by
+    hand unchanged (and its last cell prints nothing: the metrics are for the sweep).
     """
     if result_path is not None:
         atomic_write_text(result_path, json.dumps(metrics, default=_jsonable))
-    return metrics
 
 
 def _jsonable(value):
