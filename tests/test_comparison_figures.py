@@ -142,6 +142,9 @@ def test_both_figures_draw_from_a_results_file(tmp_path):
     files = make_figures(study, read_results(results), tmp_path / "figures")
     assert sorted(f.name for f in files) == ["abl.png", "abl.svg", "experts.png", "experts.svg"]
     assert all(f.stat().st_size > 10_000 for f in files)
+    # Issue 14, item 7: redrawing unchanged results gives the same bytes (git stays clean).
+    again = make_figures(study, read_results(results), tmp_path / "again")
+    assert [f.read_bytes() for f in files] == [f.read_bytes() for f in again]
 
 
 def test_ablation_draws_the_gap_along_training_when_runs_have_a_history():
@@ -177,3 +180,13 @@ def test_a_figure_missing_a_metric_names_the_metric_and_the_point(tmp_path):
     with pytest.raises(ValueError, match=f"figure 'ablation' of study 's' needs 'val_loss', "
                                          f"which point '{rows[7]['point']}' did not record"):
         make_figures(load_study(spec), rows, tmp_path / "figures")
+
+
+def test_an_ablation_with_one_setting_says_so_instead_of_calling_it_baseline():
+    """Issue 14, item 7: a partial sweep (--only) labelled its one bar "baseline"."""
+    from matplotlib.figure import Figure
+    rows = [r for r in ablation_rows() if r["params"]["block"] == "serial"]
+    fig = Figure()
+    FIGURES["ablation"](rows, fig, ["block", "lr", "seed"])
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert any("Only one setting has results so far (block=serial)" in t for t in texts)

@@ -10,7 +10,6 @@ writes ``figures/<file>.{png,svg}``, where the study names the file (default
 from __future__ import annotations
 
 import statistics
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -34,6 +33,9 @@ def ablation(rows: list[dict], fig, varied: list[str]) -> None:
     (lowest mean final loss over seeds), so no choice is judged at a rate tuned for another.
     """
     best = _best_lr_settings(rows, varied)
+    if len(best) < 2:  # e.g. a partial sweep (--only): one setting, nothing to compare
+        _only_one_setting(fig, rows, varied)
+        return
     finals = {k: {seed: r["metrics"]["val_loss"] for seed, r in by_seed.items()}
               for k, (_, by_seed) in best.items()}
     base_label = "baseline" if "baseline" in best else min(best, key=lambda k: _mean(finals[k]))
@@ -53,6 +55,16 @@ def ablation(rows: list[dict], fig, varied: list[str]) -> None:
                 f"seed noise of a difference {std:.3f} nats")]
     lines += [f"{k}: {d.text()}" + (" resolved" if d.resolved else "") for k, d in diffs.items()]
     ax.set_title("\n".join(lines), fontsize=7, loc="left")
+
+
+def _only_one_setting(fig, rows: list[dict], varied: list[str]) -> None:
+    ax = fig.subplots()
+    values = sorted({", ".join(f"{k}={r['params'][k]}" for k in varied if k not in ("seed", "lr"))
+                     for r in rows})
+    ax.text(0.5, 0.5, f"Only one setting has results so far ({'; '.join(values)}):\n"
+            "an ablation compares at least two. Run the rest of the grid.", ha="center",
+            va="center", fontsize=9, transform=ax.transAxes)
+    ax.set_axis_off()
 
 
 def _difference_dots(ax, diffs: dict, finals: dict, base_label: str, labels: list[str]) -> None:
@@ -334,8 +346,11 @@ def caption(rows: list[dict]) -> str:
     devices = sorted({r["metrics"].get("device", {}).get("kind", "?") for r in rows})
     corpora = sorted({f"{c['name']} ({c['fingerprint'][:10]})" for r in rows
                       if (c := r["metrics"].get("corpus"))})
+    finished = sorted(r["finished"][:10] for r in rows if r.get("finished"))
+    when = "" if not finished else f" · run {finished[0]}" + (
+        f" to {finished[-1]}" if finished[-1] != finished[0] else "")
     return (f"device: {', '.join(devices)} · corpus: {', '.join(corpora) or '?'} · "
-            f"{len(rows)} runs · drawn {time.strftime('%Y-%m-%d')}")
+            f"{len(rows)} runs{when}")
 
 
 def _missing(study, figure: str, name, rows: list[dict]) -> str:
@@ -347,6 +362,14 @@ def _missing(study, figure: str, name, rows: list[dict]) -> str:
     return (f"figure {figure!r} of study {study.name!r} needs {name!r}, which {where} did not "
             f"record (the results are kept: redraw with `palmlite figures {study.path}` once "
             "the notebook records it)")
+
+
+def _save_reproducibly(fig, path: Path) -> None:
+    """The same results give the same bytes: no date in the file and fixed SVG ids, so
+    redrawing unchanged figures leaves git clean."""
+    import matplotlib
+    with matplotlib.rc_context({"svg.hashsalt": "palmlite"}):
+        fig.savefig(path, dpi=120, metadata={"Date": None} if path.suffix == ".svg" else None)
 
 
 def make_figures(study, rows: list[dict], out_dir: str | Path = "figures") -> list[Path]:
@@ -367,6 +390,6 @@ def make_figures(study, rows: list[dict], out_dir: str | Path = "figures") -> li
         fig.tight_layout(rect=(0, 0.04, 1, 1))
         for suffix in ("png", "svg"):
             path = out_dir / f"{file}.{suffix}"
-            fig.savefig(path, dpi=120)
+            _save_reproducibly(fig, path)
             written.append(path)
     return written
