@@ -16,20 +16,26 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
+# Your own runs go to $(OUT)/ (git ignores local/): results in $(OUT)/studies/results,
+# executed notebooks in $(OUT)/studies/runs, figures in $(OUT)/figures. The committed
+# studies/results and figures/ are the reference runs (`make figures` redraws them).
+# `make study OUT=.` adds to the reference instead (what a maintainer commits).
+OUT ?= local
+
 # The default study: notebooks run by papermill on the CPU on the embedded corpus, two at a
-# time (one core each); results in studies/results/quick-*.jsonl (completed points are
-# skipped), figures in figures/.
+# time (one core each); a rerun skips the points already done.
 study: $(STAMP)
-	$(VENV)/bin/palmlite sweep studies/quick.yaml --workers 2
+	$(VENV)/bin/palmlite sweep studies/quick.yaml --workers 2 --out $(OUT)
 
-# The resolving versions (IsoFLOP over 4 budgets, experts E = 1..16, ablations at 3 learning
-# rates, 2-3 seeds): under three hours on 2 cores; resumable, so it can run in pieces.
+# The resolving versions (IsoFLOP over 4 budgets, experts E = 1..16, the GLaM pair,
+# ablations at 3 learning rates, 3 seeds): under three hours on 2 cores; resumable.
 study-full: $(STAMP)
-	$(VENV)/bin/palmlite sweep studies/full.yaml --workers 2
+	$(VENV)/bin/palmlite sweep studies/full.yaml --workers 2 --out $(OUT)
 
-# Redraw the default study's figures from its committed results (no training).
+# Redraw the reference figures/ from the committed studies/results (no training).
 figures: $(STAMP)
 	$(VENV)/bin/palmlite figures studies/quick.yaml
+	$(VENV)/bin/palmlite figures studies/full.yaml
 
 # JupyterLab on the notebooks (installed into .venv with palmlite, ipywidgets included).
 lab: $(STAMP)

@@ -69,12 +69,12 @@ def _generate(args) -> None:
 def _sweep(args) -> int:
     from palmlite.studies import run_study
     return run_study(args.study, workers=args.workers, only=args.only, dry_run=args.dry_run,
-                     parts=args.part, reuse_kernel=not args.fresh_kernels)
+                     root=args.out, parts=args.part, reuse_kernel=not args.fresh_kernels)
 
 
 def _figures(args) -> None:
     from palmlite.studies import draw_figures
-    for path in draw_figures(args.study, parts=args.part):
+    for path in draw_figures(args.study, root=args.out, parts=args.part):
         print(f"figure {path}")
 
 
@@ -124,10 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
                    help="run only the points whose parameter KEY equals VALUE")
     w.add_argument("--dry-run", action="store_true", help="list the points and what is done")
+    w.add_argument("--out", default=".", metavar="DIR",
+                   help="where results, executed notebooks and figures go: DIR/studies/results, "
+                        "DIR/studies/runs, DIR/figures (default: the working directory)")
     f = sub.add_parser("figures", help="redraw a study's figures from its results (no training)")
     f.add_argument("study", help="a study spec, e.g. studies/quick.yaml")
     f.add_argument("--part", action="append", default=[], metavar="NAME",
                    help="only this part's figures (repeatable)")
+    f.add_argument("--out", default=".", metavar="DIR",
+                   help="read DIR/studies/results, write DIR/figures (default: the working directory)")
     args = parser.parse_args(argv)
     try:
         if args.command == "presets":

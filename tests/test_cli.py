@@ -137,3 +137,17 @@ def test_ctrl_c_during_training_says_where_and_how_to_resume(tmp_path):
                              capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr
     assert f"step {newest + 10}: loss" in resumed.stdout
+
+
+def test_sweep_and_figures_write_under_out(tmp_path, capsys):
+    """Issue 14, item 3: a user's runs go to their own folder; the committed results in
+    studies/results are the reference (all done) and stay untouched."""
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    quick = str(repo / "studies" / "quick.yaml")
+    assert cli.main(["sweep", quick, "--dry-run", "--part", "quick-moe", "--out", str(repo)]) == 0
+    assert "8 done, 0 to run" in capsys.readouterr().out  # the committed reference is complete
+    assert cli.main(["sweep", quick, "--dry-run", "--part", "quick-moe", "--out", str(tmp_path)]) == 0
+    assert "0 done, 8 to run" in capsys.readouterr().out
+    assert cli.main(["figures", quick, "--part", "quick-moe", "--out", str(tmp_path)]) == 2
+    assert str(tmp_path / "studies" / "results" / "quick-moe.jsonl") in capsys.readouterr().err
