@@ -91,7 +91,7 @@ def test_every_bad_input_gets_one_clear_line_and_no_traceback(tmp_path, capsys):
     assert not (tmp_path / "r" / "checkpoints").exists()  # refused before any training
 
 
-def test_a_missing_optional_dependency_says_what_to_install(capsys, monkeypatch):
+def test_a_missing_optional_dependency_says_what_to_install(capsys, monkeypatch, tmp_path):
     import builtins
     real_import = builtins.__import__
 
@@ -101,7 +101,8 @@ def test_a_missing_optional_dependency_says_what_to_install(capsys, monkeypatch)
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_datasets)
-    args = ["train", "--preset", "tiny", "--steps", "1", "--corpus", "hf:wikitext", "--out", "unused"]
+    args = ["train", "--preset", "tiny", "--steps", "1", "--corpus", "hf:wikitext", "--out",
+            str(tmp_path / "run")]
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "`pip install datasets`" in err and len(err.splitlines()) == 1
