@@ -36,6 +36,16 @@ def test_notebook_is_clean_with_one_parameters_cell(path):
     assert set(smoke) <= _parameter_names(tagged[0].source), f"{path.name}: unknown smoke parameter"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_the_colab_cell_never_installs_a_bare_package_name(path):
+    """Issue 14, item 6: `pip install palmlite` would fetch whatever PyPI holds under that
+    name. The first cell installs only a URL or path the reader set, and refuses otherwise."""
+    first = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+    assert 'PALMLITE_SOURCE = ""' in first.source
+    assert 'if "/" not in PALMLITE_SOURCE:' in first.source and "raise SystemExit" in first.source
+    assert first.source.index("raise SystemExit") < first.source.index("subprocess.run(")
+
+
 def _parameter_names(source: str) -> set[str]:
     return {line.split("=")[0].strip() for line in source.splitlines()
             if "=" in line and not line.lstrip().startswith("#")}
