@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test study study-full figures lab bench presets clean
+.PHONY: test study study-full figures gallery lab bench presets clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ study-full: $(STAMP)
 figures: $(STAMP)
 	$(VENV)/bin/palmlite figures studies/quick.yaml
 	$(VENV)/bin/palmlite figures studies/full.yaml
+
+# The notebooks executed with their default parameters into gallery/notebooks (committed,
+# outputs included; notebooks/ stays output-free) and rendered to gallery/site/index.html.
+gallery: $(STAMP)
+	$(PY) -m palmlite.studies.gallery
 
 # JupyterLab on the notebooks (installed into .venv with palmlite, ipywidgets included).
 lab: $(STAMP)

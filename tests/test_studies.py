@@ -428,3 +428,20 @@ def test_concurrent_writers_lose_no_rows(tmp_path):
 def test_specs_cannot_run_code_or_write_outside_their_folders(tmp_path, text, match):
     with pytest.raises(ValueError, match=match):
         load_study(make_study(tmp_path, text))
+
+
+@pytest.mark.parametrize("content,match", [
+    ("{not json", "not a Jupyter notebook"),
+    ('{"cells": [{"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": "x = ("}]}',
+     "parameters cell is not valid Python"),
+    ('{"cells": []}', "no cell tagged 'parameters'"),
+])
+def test_a_spec_naming_a_broken_notebook_gets_a_clear_error(tmp_path, content, match):
+    (tmp_path / "nb.ipynb").write_text(content)
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: s\nnotebook: nb.ipynb\n")
+    with pytest.raises(ValueError, match=match):
+        load_study(spec)
+    spec.write_text("name: s\nnotebook: ''\n")
+    with pytest.raises(ValueError, match="expected a .ipynb file"):
+        load_study(spec)

@@ -144,10 +144,12 @@ def _parse(raw: dict, path: Path) -> Study:
 
 def _notebook(name: str, path: Path) -> Path:
     """The notebook, relative to the spec's folder (else to the working directory)."""
+    if not name.endswith(".ipynb"):
+        raise ValueError(f"{path}: field 'notebook' is {name!r}: expected a .ipynb file")
     notebook = Path(name) if Path(name).is_absolute() else (path.parent / name).resolve()
-    if not notebook.exists():
+    if not notebook.is_file():
         notebook = Path(name).resolve()
-    if not notebook.exists():
+    if not notebook.is_file():
         raise FileNotFoundError(f"{path}: notebook {name!r} does not exist (relative to the "
                                 "spec's folder or the working directory)")
     return notebook
@@ -240,12 +242,18 @@ def notebook_parameters(notebook: Path) -> set[str]:
     """The names the notebook's cell tagged ``parameters`` assigns."""
     import ast
     import json
-    cells = json.loads(notebook.read_text()).get("cells", [])
-    sources = ["".join(c.get("source", "")) for c in cells
-               if "parameters" in c.get("metadata", {}).get("tags", [])]
+    try:
+        cells = json.loads(notebook.read_text()).get("cells", [])
+        sources = ["".join(c.get("source", "")) for c in cells
+                   if "parameters" in c.get("metadata", {}).get("tags", [])]
+    except (json.JSONDecodeError, AttributeError, TypeError) as e:
+        raise ValueError(f"{notebook}: not a Jupyter notebook ({e})") from None
     if not sources:
         raise ValueError(f"{notebook}: no cell tagged 'parameters' (papermill needs one)")
-    tree = ast.parse(sources[0])
+    try:
+        tree = ast.parse(sources[0])
+    except SyntaxError as e:
+        raise ValueError(f"{notebook}: its parameters cell is not valid Python ({e})") from None
     return {t.id for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.AnnAssign))
             for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
             if isinstance(t, ast.Name)}
