@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 from palmlite import cli, presets
 
@@ -80,6 +81,9 @@ def _bad_inputs(tmp):
                                    "--seed", str(2**70)], "seed=1180591620717411303424 is invalid"),
         "train.seed=2**64": ([*train, "--set", f"train.seed={2**64}", "--out", str(tmp / "r")],
                              "TrainConfig.seed=18446744073709551616 is invalid"),
+        "sweep --workers 0": (["sweep", str(Path(__file__).resolve().parents[1] / "studies" /
+                                            "quick.yaml"), "--workers", "0", "--dry-run"],
+                              "workers=0 is invalid: expected an integer >= 1"),
     }
 
 

@@ -130,6 +130,8 @@ def run_study(spec: str | Path, *, workers: int = 1, only: list[str] = (), dry_r
               root: str | Path = ".", parts: list[str] = (), reuse_kernel: bool = True) -> int:
     """Run the pending points of a study (each part in turn, or only the named ``parts``);
     returns the failed count."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers={workers!r} is invalid: expected an integer >= 1")
     studies = _select_parts(spec, parts)
     _check_only(studies, only)
     return sum(_run_one(study, workers, only, dry_run, Path(root), reuse_kernel)
@@ -176,7 +178,7 @@ def _run_one(study: Study, workers: int, only: list[str], dry_run: bool, root: P
     failed = 0
     # Spawned, not forked: a fork of a process that has started JAX's threads can deadlock.
     spawn = multiprocessing.get_context("spawn")
-    with futures.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=spawn,
+    with futures.ProcessPoolExecutor(max_workers=workers, mp_context=spawn,
                                      initializer=_init_worker,
                                      initargs=(spawn.Value("i", 0), workers)) as pool:
         jobs = {}
