@@ -147,7 +147,6 @@ def test_ctrl_c_during_training_says_where_and_how_to_resume(tmp_path):
 def test_sweep_and_figures_write_under_out(tmp_path, capsys):
     """Issue 14, item 3: a user's runs go to their own folder; the committed results in
     studies/results are the reference (all done) and stay untouched."""
-    from pathlib import Path
     repo = Path(__file__).resolve().parents[1]
     quick = str(repo / "studies" / "quick.yaml")
     assert cli.main(["sweep", quick, "--dry-run", "--part", "quick-moe", "--out", str(repo)]) == 0

@@ -25,13 +25,19 @@ def execute(notebooks: list[Path] | None = None, out: Path = GALLERY / "notebook
     """Execute each notebook with its default parameters into ``out``; returns the copies.
     A notebook that fails stops the build with papermill's error (naming cell and notebook)."""
     import papermill
+    from palmlite.studies.runner import start_kernel, stop_kernel
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path in notebooks or sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")):
         target, t0 = out / path.name, time.perf_counter()
         print(f"executing {path.name} ...", flush=True)
-        papermill.execute_notebook(str(path), str(target), kernel_name="python3",
-                                   cwd=str(path.parent), progress_bar=False)
+        km = start_kernel(cwd=str(path.parent))  # a fresh kernel each: a notebook may set
+        # XLA_FLAGS before JAX starts
+        try:
+            papermill.execute_notebook(str(path), str(target), kernel_name="python3", km=km,
+                                       cwd=str(path.parent), progress_bar=False)
+        finally:
+            stop_kernel(km)
         nb = json.loads(target.read_text())
         nb["metadata"].setdefault("palmlite", {})["gallery"] = dict(
             seconds=round(time.perf_counter() - t0, 1),

@@ -72,23 +72,40 @@ _KERNEL = None  # this worker's kernel manager, kept between points
 
 def _worker_kernel():
     """This worker's running kernel, its namespace emptied; started on first use (or after a
-    failure). Kernels started at once can race for TCP ports: up to three attempts."""
+    failure)."""
     global _KERNEL
     if _KERNEL is not None and _KERNEL.is_alive() and _reset_namespace(_KERNEL):
         return _KERNEL
     _stop_worker_kernel()
-    from jupyter_client.manager import KernelManager
-    for attempt in range(3):
-        _KERNEL = KernelManager(kernel_name="python3", **_kernel_transport())
-        try:
-            _KERNEL.start_kernel()
-            break
-        except Exception as e:  # noqa: BLE001 - only kernel-start races are retried
-            _stop_worker_kernel()
-            if attempt == 2 or not any(s in str(e) for s in KERNEL_START_ERRORS):
-                raise
+    _KERNEL = start_kernel()
     atexit.register(_stop_worker_kernel)
     return _KERNEL
+
+
+def start_kernel(cwd: str | None = None):
+    """A started python3 kernel (``jupyter_client.KernelManager``) on private Unix sockets,
+    working in ``cwd`` (default: this process's); stop it with ``stop_kernel``. Kernels started at once can race for TCP ports (Windows):
+    up to three attempts."""
+    from jupyter_client.manager import KernelManager
+    for attempt in range(3):
+        km = KernelManager(kernel_name="python3", **_kernel_transport())
+        try:
+            km.start_kernel(**({} if cwd is None else dict(cwd=cwd)))
+            return km
+        except Exception as e:  # noqa: BLE001 - only kernel-start races are retried
+            stop_kernel(km)
+            if attempt == 2 or not any(s in str(e) for s in KERNEL_START_ERRORS):
+                raise
+
+
+def stop_kernel(km) -> None:
+    """Shut the kernel down (it may be dead already) and remove its sockets' directory."""
+    try:
+        km.shutdown_kernel(now=True)
+    except Exception:  # noqa: BLE001 - it may be dead already, or never have started
+        pass
+    if km.transport == "ipc":
+        shutil.rmtree(os.path.dirname(km.ip), ignore_errors=True)
 
 
 def _kernel_transport() -> dict:
@@ -117,12 +134,7 @@ def _reset_namespace(km) -> bool:
 def _stop_worker_kernel() -> None:
     global _KERNEL
     if _KERNEL is not None:
-        try:
-            _KERNEL.shutdown_kernel(now=True)
-        except Exception:  # noqa: BLE001 - it may be dead already
-            pass
-        if _KERNEL.transport == "ipc":  # the private directory of its sockets
-            shutil.rmtree(os.path.dirname(_KERNEL.ip), ignore_errors=True)
+        stop_kernel(_KERNEL)
         _KERNEL = None
 
 
