@@ -66,3 +66,9 @@ def test_notebook_runs_with_its_smallest_parameters(path, tmp_path):
         parameters=parameters,
         progress_bar=False, execution_timeout=300)
     assert json.loads(result_path.read_text()), f"{path.name} recorded no metrics"
+    if path.name == "03_train.ipynb":  # issue 14, item 5: one seed per prompt, so prompts
+        # never share a continuation (they did with seed=0 for all on a weak model)
+        executed = nbformat.read(tmp_path / path.name, as_version=4)
+        cell = next(c for c in executed.cells if "generate(" in c.source)
+        samples = "".join(o.get("text", "") for o in cell.outputs).splitlines()
+        assert len(samples) == 3 and len(set(samples)) == 3, samples
