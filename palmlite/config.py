@@ -251,6 +251,9 @@ class TrainConfig:
     seq_len: int = 128  # tokens per sequence
     steps: int | None = 200  # training steps (or set `tokens` and steps=None)
     tokens: int | None = None  # token budget: steps = ceil(tokens / (batch_size * seq_len))
+    # Stop after this step, as an interruption would (checkpointed there); the schedule still
+    # spans the whole run, so a resume continues it exactly. None: train to the end.
+    stop_after: int | None = None
     optimizer: str = "adamw"  # "adamw" | "adafactor" (PaLM §5) | "sgd"
     schedule: str = "warmup_cosine"  # Gopher: 1e-7 -> peak, cosine to 10% | "rsqrt" (PaLM) | "constant"
     lr: float = 3e-3  # peak learning rate
@@ -289,6 +292,8 @@ class TrainConfig:
             f"exactly one of steps and tokens to be set (tokens={self.tokens!r})")
         for name in ("steps", "tokens"):
             req(getattr(self, name) is None or getattr(self, name) > 0, name, "a positive integer or None")
+        req(self.stop_after is None or 0 < self.stop_after <= self.total_steps, "stop_after",
+            f"None or a step from 1 to the run's {self.total_steps} steps")
         req(self.lr > 0, "lr", "a positive number")
         for name in ("weight_decay", "grad_clip", "z_loss"):
             req(getattr(self, name) >= 0, name, "a number >= 0")

@@ -22,8 +22,8 @@ from palmlite.config import ModelConfig, TrainConfig
 from palmlite.files import atomic_write_text
 
 # Fields that may differ when resuming (they do not change what is computed).
-RESUMABLE_CHANGES = {"steps", "tokens", "log_every", "eval_every", "checkpoint_every",
-                     "keep_checkpoints", "quiet", "mesh", "steps_per_call"}
+RESUMABLE_CHANGES = {"steps", "tokens", "stop_after", "log_every", "eval_every",
+                     "checkpoint_every", "keep_checkpoints", "quiet", "mesh", "steps_per_call"}
 CONFIG_KEYS = ("model", "train", "data")  # what read_config needs in config.json
 
 

@@ -287,7 +287,8 @@ class _Loop:
             "no checkpoint was saved yet" if self.ckpt else "no run directory: nothing to resume"))
 
     def _steps(self, step_fn, state, shape, bar):
-        tc, total, k, step = self.tc, self.tc.total_steps, self.tc.steps_per_call, self.step
+        tc, k, step = self.tc, self.tc.steps_per_call, self.step
+        total = _end(tc)  # the run's last step, or where stop_after interrupts it
         pending, t0 = [], time.perf_counter()
         while step < total:
             n = min(k, self._next_sync(step) - step)
@@ -310,7 +311,7 @@ class _Loop:
         tc = self.tc
         ahead = [-(-(step + 1) // n) * n for n in (tc.log_every, tc.eval_every, tc.checkpoint_every)
                  if n > 0]
-        return min([tc.total_steps, *ahead])
+        return min([_end(tc), *ahead])
 
     def _read(self, step: int, n: int, k: int, rows) -> np.ndarray:
         """Batch ``step`` ([B, T+1]), or with k > 1 a block of k: batches step..step+n-1,
@@ -391,6 +392,12 @@ def _per_step(calls: list[tuple[int, int, dict]]) -> list[dict]:
     metrics are stacked [k], of which the first n are steps that were trained."""
     return [m if k == 1 else {name: value[i] for name, value in m.items()}
             for k, n, m in calls for i in range(n)]
+
+
+def _end(tc: TrainConfig) -> int:
+    """The step this call trains to: the run's end, or ``stop_after`` (evaluated and
+    checkpointed there, as at the end)."""
+    return tc.total_steps if tc.stop_after is None else tc.stop_after
 
 
 def _every(done: int, interval: int) -> bool:

@@ -86,6 +86,22 @@ def test_interrupted_run_resumes_bit_identical(corpus, tmp_path, monkeypatch):
     assert [json.loads(l)["step"] for l in lines] == [10, 20, 30, 40]  # no duplicates
 
 
+def test_stop_after_then_resume_equals_the_whole_run(corpus, tmp_path):
+    """stop_after interrupts a run on purpose (checkpointed, evaluated) with the whole run's
+    schedule, so the resumed run ends bit-identical; training half the steps and resuming
+    with more would have trained the first half on a shorter cosine."""
+    tc = config(corpus)
+    whole = train(MODEL, tc, out=tmp_path / "whole")
+    half = train(MODEL, tc.replace(stop_after=20), out=tmp_path / "split")
+    assert half.metrics[-1]["step"] == 20 and "val_loss" in half.metrics[-1]
+    resumed = train(MODEL, tc, out=tmp_path / "split", resume=True)
+    for a, b in zip(params(whole.model), params(resumed.model)):
+        np.testing.assert_array_equal(a, b)
+    assert [m["lr"] for m in resumed.metrics] == [m["lr"] for m in whole.metrics]
+    with pytest.raises(ValueError, match="stop_after=50 is invalid"):
+        tc.replace(stop_after=50)
+
+
 def test_existing_run_needs_resume_and_unchanged_settings(corpus, tmp_path):
     tc = config(corpus, steps=20)
     train(MODEL, tc, out=tmp_path / "run")
