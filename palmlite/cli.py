@@ -86,10 +86,16 @@ def _resume_hint(args, argv: list[str] | None) -> str:
     return "; resume with: palmlite " + " ".join(shlex.quote(w) for w in words + ["--resume"])
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="palmlite", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("presets", help="table of every preset: params, FLOPs/token, KV-cache bytes")
+    _train_parsers(sub)
+    _study_parsers(sub)
+    return parser
+
+
+def _train_parsers(sub) -> None:
     t = sub.add_parser("train", help="train a preset on a corpus; resumable run directory")
     t.add_argument("--preset", default="small", help=f"one of {presets.names()}")
     t.add_argument("--corpus", default="pystdlib", help="corpus name or path")
@@ -112,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
+
+
+def _study_parsers(sub) -> None:
     w = sub.add_parser("sweep", help="run a study's notebook over its grid with papermill")
     w.add_argument("study", help="a study spec, e.g. studies/quick.yaml")
     w.add_argument("--workers", type=int, default=1,
@@ -133,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="only this part's figures (repeatable)")
     f.add_argument("--out", default=".", metavar="DIR",
                    help="read DIR/studies/results, write DIR/figures (default: the working directory)")
-    args = parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
         if args.command == "presets":
             print(presets_table())

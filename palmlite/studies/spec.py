@@ -76,8 +76,9 @@ class Study:
     def changes(self, row: dict, point: dict[str, Any]) -> list[str]:
         """What differs between a stale row and the point now, in words (for --dry-run)."""
         now, then = json.loads(json.dumps(point)), row.get("params", {})
-        diffs = [f"{k}: {then.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}"
-                 for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
+        text = lambda params, k: repr(params[k]) if k in params else "unset"
+        diffs = [f"{k}: {text(then, k)} -> {text(now, k)}"
+                 for k in sorted(set(now) | set(then)) if now.get(k, now) != then.get(k, now)]
         if row.get("source") != self.notebook.name:
             diffs.append(f"notebook: {row.get('source')!r} -> {self.notebook.name!r}")
         return diffs
