@@ -226,10 +226,11 @@ def _expert_load_bars(ax, groups: dict[str, list[dict]]) -> None:
 
 def _moe_verdict(groups: dict[str, list[dict]]) -> str:
     """What the runs show: each MoE's final validation loss minus its dense twin's (the
-    dense run of the same depth and width with the nearest FLOPs per token)."""
-    final = lambda runs: [run["val_loss"] for run in runs]
+    dense run of the same depth and width with the nearest FLOPs per token), with its
+    seed-paired interval and the seed noise of the difference."""
+    final = lambda runs: {run["seed"]: run["val_loss"] for run in runs}
     dense = {label: runs for label, runs in groups.items() if runs[0]["model"]["moe"] is None}
-    lines = []
+    lines, diffs = [], []
     for label, runs in groups.items():
         m = runs[0]["model"]
         twins = [d for d in dense.values() if (d[0]["model"]["n_layers"], d[0]["model"]["d_model"])
@@ -237,14 +238,15 @@ def _moe_verdict(groups: dict[str, list[dict]]) -> str:
         if m["moe"] is None or not twins:
             continue
         twin = min(twins, key=lambda d: abs(d[0]["flops_per_token"] - runs[0]["flops_per_token"]))
-        delta = statistics.mean(final(runs)) - statistics.mean(final(twin))
-        if len(runs) < 2 or len(twin) < 2:
-            verdict = "one seed: noise unknown"
-        elif abs(delta) <= max(max(v) - min(v) for v in (final(runs), final(twin))):
-            verdict = "no clear difference (within the seed spread)"
-        else:
-            verdict = "MoE better, as GLaM found" if delta < 0 else "MoE worse, unlike GLaM"
-        lines.append(f"{label}: {delta:+.3f} nats vs its dense twin, {verdict}")
+        d = compare.difference(final(runs), final(twin))
+        diffs.append(d)
+        verdict = ("" if d.low is None else ": no clear difference (the interval includes 0)"
+                   if not d.resolved else
+                   ": MoE better, as GLaM found" if d.diff < 0 else ": MoE worse, unlike GLaM")
+        lines.append(f"{label}: {d.text()} vs its dense twin{verdict}")
+    std = compare.difference_noise(diffs)
+    if lines and std is not None:
+        lines.append(f"seed noise of a difference {std:.3f} nats")
     return "Final validation loss, MoE minus its FLOP-matched dense twin, in these runs:\n" + \
         ("\n".join(lines) or "no MoE with a dense twin among the runs")
 
