@@ -50,6 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import palmlite as pl
+from jax.sharding import NamedSharding, PartitionSpec as P
+from palmlite import sharding
 from palmlite.config import TrainConfig
 from palmlite.generate import median_seconds
 from palmlite.train import init_state, make_train_step
@@ -173,14 +175,22 @@ class PalmliteRunner:
     """palmlite's compiled train step; with K > 1 each call runs K steps on [K, B, T+1]."""
 
     def __init__(self, cfg: pl.ModelConfig, tc: TrainConfig, batch_BxT1: np.ndarray, k: int):
-        graphdef, _, tx, self.state = init_state(cfg, tc)
+        mesh = None if tc.mesh is None else sharding.make_mesh(tc.mesh)
+        graphdef, _, tx, self.state = init_state(cfg, tc, mesh=mesh)
         self.k = k
+        shardings = () if mesh is None else (
+            sharding.state_shardings(self.state, mesh),
+            sharding.batch_sharding(mesh, batch_BxT1.shape))
         if k > 1:
             x = jnp.asarray(np.broadcast_to(batch_BxT1, (k, *batch_BxT1.shape)), jnp.int32)
-            step = make_train_step(graphdef, tx, tc.z_loss, steps_per_call=k)
+            step = make_train_step(graphdef, tx, tc.z_loss, *shardings, steps_per_call=k)
+            if mesh is not None:  # as train() places a block: each step's batch split
+                x = jax.device_put(x, NamedSharding(mesh, P(None, *shardings[1].spec)))
         else:  # exactly what train() builds
             x = jnp.asarray(batch_BxT1, jnp.int32)
-            step = make_train_step(graphdef, tx, tc.z_loss)
+            step = make_train_step(graphdef, tx, tc.z_loss, *shardings)
+            if mesh is not None:
+                x = jax.device_put(x, shardings[1])
         self.x = x
         self.args = (x, jnp.int32(k)) if k > 1 else (x,)  # K > 1: every step of a call counts
         self.step = step.lower(self.state, *self.args).compile()
@@ -226,7 +236,7 @@ def setup(name: str, args) -> tuple[pl.ModelConfig, TrainConfig, TorchRunner, Pa
     shape = SHAPES[name]
     B, T, D = shape["batch"], shape["seq"], shape["d_model"]
     cfg = model_config(shape, GPT2, attention_impl=args.attention)
-    tc = TrainConfig(batch_size=B, seq_len=T, steps=1000, tokenizer="bytes")
+    tc = TrainConfig(batch_size=B, seq_len=T, steps=1000, tokenizer="bytes", mesh=args.mesh)
     batch_BxT1 = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1), dtype=np.int32)
     torch_run = TorchRunner(cfg, tc, batch_BxT1, args.torch_adamw)
     palm_run = PalmliteRunner(cfg, tc, batch_BxT1, args.steps_per_call)
@@ -292,7 +302,7 @@ def header_info(args) -> dict:
                 xla_flags=os.environ.get("XLA_FLAGS", ""), omp_num_threads=os.environ.get("OMP_NUM_THREADS", ""),
                 repeats=args.repeats, steps_per_block=args.steps_per_block,
                 steps_per_call=args.steps_per_call, torch_adamw=args.torch_adamw,
-                attention=args.attention)
+                attention=args.attention, mesh=args.mesh)
 
 
 def print_header(info: dict, big: tuple[float, float]) -> None:
@@ -304,7 +314,7 @@ def print_header(info: dict, big: tuple[float, float]) -> None:
           f"OMP_NUM_THREADS={info['omp_num_threads']!r}); python {info['python']}")
     print(f"float32; median over {info['repeats']} interleaved repeats of blocks of "
           f"{info['steps_per_block']} steps; palmlite steps per call {info['steps_per_call']}, "
-          f"attention {info['attention']}; "
+          f"attention {info['attention']}, mesh {info['mesh'] or 'none (one device)'}; "
           f"torch AdamW {info['torch_adamw']}")
     print(f"matmul 1024³ float32: jax {big[0] / 1e9:.1f} GFLOP/s, torch {big[1] / 1e9:.1f} GFLOP/s")
     print(IDLE_NOTE, flush=True)
@@ -340,6 +350,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--attention", choices=pl.config.ATTENTION_IMPLS,
                    default=pl.ModelConfig.attention_impl, help="palmlite's attention_impl")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side before timing")
+    p.add_argument("--mesh", default=None, metavar="AXIS=SIZE,...",
+                   help="palmlite on a device mesh, e.g. data=2 with XLA_FLAGS="
+                        "--xla_force_host_platform_device_count=2: the CPU's cores as two "
+                        "devices, half the batch each")
     # Measured on the 2-core EPYC (optimizer step alone): fused ≪ foreach < for-loop. nanoGPT
     # itself uses fused only on CUDA, i.e. the for-loop on a CPU: fused is the stronger baseline.
     p.add_argument("--torch-adamw", choices=["fused", "foreach", "forloop"], default="fused")
