@@ -11,7 +11,9 @@ parameters stay as they were) and is reported, with its step, at the next sync.
 ``TrainConfig.mesh`` (e.g. ``"data=2,tensor=4"``) runs the same step on a device mesh
 (``palmlite.sharding``): the state is created sharded, each batch is placed split over the
 batch axes, and the step is jitted with those shardings. ``mesh=None`` is the one-device
-path, untouched. What a run directory holds, and how it is read back: ``palmlite.runs``.
+path, untouched. The host-side loop (batches, logs, evaluation, checkpoints, the NaN
+guard) is ``palmlite.loop``; what a run directory holds, and how it is read back,
+``palmlite.runs``.
 """
 
 from __future__ import annotations
@@ -25,19 +27,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from palmlite.accounting import count_params, device_peak_flops, flops_per_token
+from palmlite.accounting import count_params, flops_per_token
 from palmlite.attention import check_platform
 from palmlite.checkpoint import Checkpointer
 from palmlite.config import ModelConfig, TrainConfig
 from palmlite.data import TokenDataset, get_tokenizer, load_corpus
-from palmlite.evaluate import evaluate
 from palmlite.files import COMPILATION_CACHE_COUNTS, atomic_write_text
 from palmlite.losses import cross_entropy_and_z_loss
+from palmlite.loop import TrainingLoop
 from palmlite.model import Transformer
 from palmlite.moe import moe_stats
 from palmlite import schedules
@@ -225,7 +226,7 @@ def _train(cfg: ModelConfig, tc: TrainConfig, run_dir: Path | None, resume: bool
         if tokenizer.path is not None:  # keep the vocabulary with the run
             shutil.copyfile(tokenizer.path, run_dir / "tokenizer.model")
         atomic_write_text(run_dir / "config.json", json.dumps(info, indent=1))
-    loop = _Loop(tc, cfg, graphdef, schedule, batches, val_ds, train_ds, run_dir, ckpt,
+    loop = TrainingLoop(tc, cfg, graphdef, schedule, batches, val_ds, train_ds, run_dir, ckpt,
                  batch_sharding)
     state_sharding = None if mesh is None else sharding.state_shardings(state, mesh)
     make_step = lambda k: make_train_step(graphdef, tx, tc.z_loss, state_sharding, batch_sharding,
@@ -241,176 +242,11 @@ def _train(cfg: ModelConfig, tc: TrainConfig, run_dir: Path | None, resume: bool
                        cfg, tc, info, {**seconds, **loop.seconds}, cache)
 
 
-class _Loop:
-    """The host side: feeds batches, logs, evaluates, checkpoints, guards against NaN."""
-
-    def __init__(self, tc, cfg, graphdef, schedule, batches, val_ds, train_ds, run_dir, ckpt,
-                 batch_sharding=None):
-        self.tc, self.cfg, self.graphdef, self.schedule = tc, cfg, graphdef, schedule
-        self.batches, self.val_ds, self.train_ds = batches, val_ds, train_ds
-        self.run_dir, self.ckpt = run_dir, ckpt
-        self.metrics: list[dict] = []
-        peak = device_peak_flops(jax.devices()[0].device_kind)
-        # Without a mesh the step runs on one device, whatever the machine has.
-        n_devices = 1 if batch_sharding is None else batch_sharding.mesh.size
-        self.peak = None if peak is None else peak * n_devices
-        self.flops_per_token = flops_per_token(cfg, tc.seq_len)
-        self.batch_sharding = batch_sharding
-        # Where the time goes (seconds): compiling the step, training steps (batches
-        # included), evaluation and checkpoints. Setup before the loop is the caller's.
-        self.seconds = dict(compile=0.0, training=0.0, evaluation=0.0, checkpoint=0.0)
-
-    def run(self, make_step, state, start: int):
-        """Train from step ``start`` to the end in calls of ``steps_per_call`` steps, each
-        call ending at the latest at the next log/eval/checkpoint step."""
-        tc, total, k = self.tc, self.tc.total_steps, self.tc.steps_per_call
-        if self.run_dir is not None:
-            self.metrics = runs.read_metrics(self.run_dir / "metrics.jsonl", upto=start)
-        shape = (tc.batch_size, tc.seq_len + 1) if k == 1 else (k, tc.batch_size, tc.seq_len + 1)
-        t0 = time.perf_counter()  # compiled ahead of time: tokens/s never includes compiling
-        args = [jax.ShapeDtypeStruct(shape, jnp.int32)] + \
-            ([] if k == 1 else [jax.ShapeDtypeStruct((), jnp.int32)])  # + steps to train
-        step_fn = make_step(k).lower(state, *args).compile()
-        self.seconds["compile"] += time.perf_counter() - t0
-        bar, self.step = _progress(total, start, tc.quiet), start
-        try:
-            return self._steps(step_fn, state, shape, bar)
-        except KeyboardInterrupt:  # Ctrl-C: say where the run stands (the CLI adds how to resume)
-            raise KeyboardInterrupt(self._interrupted()) from None
-        finally:
-            bar.close()
-
-    def _interrupted(self) -> str:
-        kept = self.ckpt.steps()[-1:] if self.ckpt else []
-        return (f"interrupted near step {self.step}; " + (
-            f"the newest checkpoint is step {kept[0]}, where a resume continues" if kept else
-            "no checkpoint was saved yet" if self.ckpt else "no run directory: nothing to resume"))
-
-    def _steps(self, step_fn, state, shape, bar):
-        tc, k, step = self.tc, self.tc.steps_per_call, self.step
-        total = _end(tc)  # the run's last step, or where stop_after interrupts it
-        pending, t0 = [], time.perf_counter()
-        while step < total:
-            n = min(k, self._next_sync(step) - step)
-            batch = self._place(lambda rows: self._read(step, n, k, rows), shape)
-            state, m = step_fn(state, batch) if k == 1 else step_fn(state, batch, np.int32(n))
-            pending.append((k, n, m))
-            step = self.step = step + n
-            if step == self._next_sync(step - 1):
-                pending = _per_step(jax.device_get(pending))  # the only host sync
-                self.seconds["training"] += time.perf_counter() - t0
-                self._log(state, pending, step, time.perf_counter() - t0, bar,
-                          step == total or _every(step, tc.eval_every))
-                if step == total or _every(step, tc.checkpoint_every):
-                    self._checkpoint(state, step)
-                pending, t0 = [], time.perf_counter()  # evaluating and saving are not training
-        return state
-
-    def _next_sync(self, step: int) -> int:
-        """The first step after ``step`` that logs, evaluates, checkpoints or ends the run."""
-        tc = self.tc
-        ahead = [-(-(step + 1) // n) * n for n in (tc.log_every, tc.eval_every, tc.checkpoint_every)
-                 if n > 0]
-        return min([_end(tc), *ahead])
-
-    def _read(self, step: int, n: int, k: int, rows) -> np.ndarray:
-        """Batch ``step`` ([B, T+1]), or with k > 1 a block of k: batches step..step+n-1,
-        then zeros for the steps the call skips."""
-        if k == 1:
-            return self.batches.get(step, rows)
-        block = np.stack([self.batches.get(s, rows) for s in range(step, step + n)])
-        return np.concatenate([block, np.zeros((k - n, *block.shape[1:]), block.dtype)])
-
-    def _place(self, read_rows, shape: tuple[int, ...]) -> jax.Array:
-        """A batch (or block of batches) on the devices: whole, or split over the mesh along
-        its batch rows, each host reading only its own rows (``read_rows(rows)``)."""
-        if self.batch_sharding is None:
-            return jnp.asarray(read_rows(slice(None)))
-        if len(shape) == 2:
-            return sharding.place_batch(read_rows, shape, self.batch_sharding)
-        block = NamedSharding(self.batch_sharding.mesh, P(None, *self.batch_sharding.spec))
-        return sharding.place_batch(read_rows, shape, block, batch_axis=1)
-
-    def _log(self, state, pending, done, elapsed, bar, evaluate_now: bool):
-        got = pending  # already on the host: read after the interval's steps finished
-        self._check_finite(state)
-        tc = self.tc
-        tokens_per_s = len(got) * tc.batch_size * tc.seq_len / elapsed
-        loss = sum(float(m["loss"]) for m in got) / len(got)
-        row = dict(step=done, tokens=done * tc.batch_size * tc.seq_len,
-                   epoch=self.batches.epoch(done), loss=loss,
-                   z_loss=sum(float(m["z_loss"]) for m in got) / len(got),
-                   grad_norm=float(got[-1]["grad_norm"]), lr=float(self.schedule(done - 1)),
-                   bits_per_byte=self.train_ds.bits_per_byte(loss), tokens_per_s=tokens_per_s,
-                   mfu=None if self.peak is None else tokens_per_s * self.flops_per_token / self.peak)
-        if "expert_load" in got[-1]:  # a mixture of experts: interval means
-            row.update({k: sum(float(m[k]) for m in got) / len(got)
-                        for k in ("aux_loss", "router_z_loss", "dropped_fraction")},
-                       **{k: (sum(m[k] for m in got) / len(got)).tolist()
-                          for k in ("expert_load", "expert_load_per_layer")})
-        if evaluate_now:
-            t0 = time.perf_counter()
-            ev = evaluate(nnx.merge(self.graphdef, state["params"]), self.val_ds, tc.seq_len,
-                          tc.batch_size, tc.eval_batches,
-                          put=lambda b: self._place(lambda rows: b[rows], b.shape))
-            row.update(val_loss=ev["loss"], val_bits_per_byte=ev["bits_per_byte"])
-            self.seconds["evaluation"] += time.perf_counter() - t0
-        self.metrics.append(row)
-        if self.run_dir is not None and jax.process_index() == 0:  # one writer per run
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-        bar.update(len(got))
-
-    def _check_finite(self, state) -> None:
-        bad = int(state["bad_step"])
-        if bad >= 0:
-            kept = self.ckpt.steps()[-1:] if self.ckpt else []
-            raise FloatingPointError(
-                f"non-finite loss or update at step {bad}: training stopped (no update was "
-                f"applied from that step on). Last good checkpoint kept: "
-                f"{f'step {kept[0]}' if kept else 'none'}.")
-
-    def _checkpoint(self, state, done: int) -> None:
-        if self.ckpt is None:
-            return
-        self._check_finite(state)  # never save a state that has seen a NaN
-        t0 = time.perf_counter()
-        self.ckpt.save(done, state, dict(step=done, tokens=done * self.tc.batch_size * self.tc.seq_len))
-        self.seconds["checkpoint"] += time.perf_counter() - t0
-
-
 def _all_finite(tree) -> jax.Array:
     """Whether every floating-point leaf of ``tree`` is finite everywhere (one bool)."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves \
         else jnp.bool_(True)
-
-
-def _per_step(calls: list[tuple[int, int, dict]]) -> list[dict]:
-    """Host copies of (k, n, metrics) per call as one dict per optimizer step: a block's
-    metrics are stacked [k], of which the first n are steps that were trained."""
-    return [m if k == 1 else {name: value[i] for name, value in m.items()}
-            for k, n, m in calls for i in range(n)]
-
-
-def _end(tc: TrainConfig) -> int:
-    """The step this call trains to: the run's end, or ``stop_after`` (evaluated and
-    checkpointed there, as at the end)."""
-    return tc.total_steps if tc.stop_after is None else tc.stop_after
-
-
-def _every(done: int, interval: int) -> bool:
-    return interval > 0 and done % interval == 0
-
-
-def _progress(total: int, start: int, quiet: bool):
-    """tqdm.auto: a widget in Jupyter, a bar in a terminal; quiet: an update every 30 s."""
-    if quiet:
-        from tqdm.std import tqdm
-        return tqdm(total=total, initial=start, mininterval=30, maxinterval=60, ascii=True)
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=start, unit="step")
 
 
 def _fit_model_to_data(cfg: ModelConfig, tokenizer, tc: TrainConfig,
