@@ -100,6 +100,18 @@ class Transformer(nnx.Module):
     def forward(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None, list[MoEStats]]:
         """``__call__``'s work, plus the statistics of each MoE layer (``moe.moe_stats``)."""
+        x_BxTxD, cache, stats = self.trunk(tokens_BxT, positions_BxT, cache)
+        return self.unembed(x_BxTxD), cache, stats
+
+    def hidden_states(self, tokens_BxT: jax.Array) -> jax.Array:
+        """The final norm's output, B x T x D float32: what the output layer reads (RETRO's
+        frozen embedder averages it over each chunk: ``palmlite.retrieval``)."""
+        x_BxTxD, _, _ = self.trunk(tokens_BxT)
+        return self.final_norm(x_BxTxD).astype(jnp.float32)
+
+    def trunk(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
+              cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None, list[MoEStats]]:
+        """Embeddings and blocks: the residual stream before the final norm."""
         cfg, T = self.cfg, tokens_BxT.shape[1]
         check_ids("token id", tokens_BxT, cfg.vocab_size)
         # Only given positions can be negative (padding); the default 0..T-1 needs no mask.
@@ -136,10 +148,9 @@ class Transformer(nnx.Module):
             x_BxTxD, layers[i], layer_stats = run_block(block, x_BxTxD, positions_BxT,
                                                         bias_BxNxTxS, layers[i], mask_Bx1xTxS)
             stats += [layer_stats] if layer_stats is not None else []
-        logits_BxTxV = self.unembed(x_BxTxD)
         if cache is None:
-            return logits_BxTxV, None, stats
-        return logits_BxTxV, KVCache(k=tuple(c.k_BxSxKxH for c in layers),
+            return x_BxTxD, None, stats
+        return x_BxTxD, KVCache(k=tuple(c.k_BxSxKxH for c in layers),
                                      v=tuple(c.v_BxSxKxH for c in layers),
                                      pos_BxS=k_pos_BxS, length=cache.length + T), stats
 
