@@ -63,6 +63,30 @@ def norm_params(cfg: ModelConfig) -> int:
     return cfg.d_model * (2 if cfg.norm == "layernorm" and cfg.use_bias else 1)
 
 
+def cross_attention_params(cfg: ModelConfig, kv_width: int) -> int:
+    """Queries from cfg.d_model, keys and values from ``kv_width`` (RETRO's CCA and encoder)."""
+    D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_size
+    biases = (N * H + 2 * K * H + D) if cfg.use_bias else 0
+    return D * N * H + 2 * kv_width * K * H + N * H * D + biases
+
+
+def retro_params(cfg: ModelConfig) -> dict[str, int]:
+    """RETRO's additions (``palmlite.retro``): the encoder's layers, its own embedding table
+    (none when shared), and the CCA layers, each with its norm. Zero without ``cfg.retro``."""
+    if cfg.retro is None:
+        return dict(encoder=0, encoder_embedding=0, cca=0)
+    from palmlite.retro import encoder_config  # the encoder's derived sizes
+    ecfg, retro = encoder_config(cfg), cfg.retro
+    W = ecfg.d_model
+    layer = cross_attention_params(ecfg, W) + mlp_params(ecfg) + 2 * norm_params(ecfg)
+    if retro.query_conditioning:  # cross-attention to the chunk's decoder activations
+        layer += cross_attention_params(ecfg, cfg.d_model) + norm_params(ecfg)
+    cca = cross_attention_params(cfg, W) + norm_params(cfg)
+    return dict(encoder=retro.encoder_layers * layer + norm_params(ecfg),
+                encoder_embedding=0 if retro.shared_embeddings else cfg.vocab_size * W,
+                cca=len(retro.layers(cfg.n_layers)) * cca)
+
+
 def count_params(cfg: ModelConfig, active: bool = False) -> int:
     """Number of parameters of ``Transformer(cfg)``, computed analytically.
 
@@ -72,7 +96,9 @@ def count_params(cfg: ModelConfig, active: bool = False) -> int:
     norms_per_block = 1 if cfg.block == "parallel" else 2  # PaLM's parallel block shares one
     block = attention_params(cfg) + norms_per_block * norm_params(cfg)
     ffns = sum(ffn_params(cfg, i, active) for i in range(cfg.n_layers))
-    return embedding_params(cfg) + cfg.n_layers * block + ffns + norm_params(cfg)
+    retro = retro_params(cfg)
+    return embedding_params(cfg) + cfg.n_layers * block + ffns + norm_params(cfg) + \
+        retro["encoder"] + retro["cca"]
 
 
 def embedding_params(cfg: ModelConfig) -> int:
@@ -81,7 +107,7 @@ def embedding_params(cfg: ModelConfig) -> int:
     embed = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
     position = {"learned": cfg.max_seq_len * cfg.d_model,
                 "relative": cfg.relative_buckets * cfg.n_heads}.get(cfg.position, 0)
-    return embed + position
+    return embed + position + retro_params(cfg)["encoder_embedding"]
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
@@ -95,7 +121,26 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
     dispatch and combine (data movement, or GShard's one-hot einsums) are not model FLOPs.
     """
     T = cfg.max_seq_len if seq_len is None else seq_len
-    return 6.0 * count_params(cfg, active=True) + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_size * T
+    decoder = 6.0 * (count_params(cfg, active=True) - retro_params(cfg)["encoder"]) + \
+        12.0 * cfg.n_layers * cfg.n_heads * cfg.head_size * T
+    return decoder + retro_flops_per_token(cfg)
+
+
+def retro_flops_per_token(cfg: ModelConfig) -> float:
+    """RETRO's extra training FLOPs per decoder token, beyond its parameters' 6N (whose CCA
+    share ``flops_per_token`` counts): each chunk of M tokens has J neighbours of R tokens,
+    so the encoder's weights (6 FLOPs per weight and token, the lookup table excluded) see
+    J·R / M encoder tokens per decoder token; each encoder token attends to R neighbour
+    tokens (and the chunk's M activations), and each decoder token to J·R encoded ones in
+    every CCA layer: 12 FLOPs per query, key and head dimension, like self-attention."""
+    if cfg.retro is None:
+        return 0.0
+    retro, NH = cfg.retro, cfg.n_heads * cfg.head_size
+    M, J, R = retro.chunk_size, retro.n_neighbours, retro.neighbour_len
+    per_encoder_token = 6.0 * retro_params(cfg)["encoder"] + 12.0 * retro.encoder_layers * NH * (
+        R + (M if retro.query_conditioning else 0))
+    cca_attention = 12.0 * len(retro.layers(cfg.n_layers)) * NH * J * R
+    return J * R / M * per_encoder_token + cca_attention
 
 
 def mfu(tokens_per_second: float, cfg: ModelConfig, seq_len: int, peak_flops: float) -> float:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -104,6 +104,7 @@ class KVCache:
     v: tuple[jax.Array, ...]  # per layer: B x S x K x H
     pos_BxS: jax.Array  # int32 position of each slot's token; -1 = empty or padding
     length: jax.Array  # int32 scalar: slots filled so far; the next write starts here
+    retro: Any = None  # RETRO's activations and encoded neighbours (palmlite.retro.RetroCache)
 
     @property
     def nbytes(self) -> int:

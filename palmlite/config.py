@@ -86,6 +86,72 @@ class MoEConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RetroConfig:
+    """RETRO (Borgeaud et al. 2021): the decoder reads neighbours retrieved for each chunk.
+
+    The sequence is cut into chunks of ``chunk_size`` tokens; each chunk's ``n_neighbours``
+    nearest database chunks (with their continuations) are encoded by a small bidirectional
+    encoder and read by chunked cross-attention (CCA) in ``cca_layers``, causally: the
+    tokens from the last one of chunk u to the last but one of chunk u+1 read chunk u's
+    neighbours (RETRO §2.4). ``palmlite.retro`` is the model side, ``palmlite.retrieval``
+    the database.
+    """
+
+    chunk_size: int = 64  # m; RETRO §2.1: 64-token chunks (must divide the sequence length)
+    n_neighbours: int = 2  # k neighbours per chunk; RETRO trains with 2 (§4)
+    continuation: bool = True  # a neighbour is its chunk + the next m tokens (r = 2m), Table 13
+    # The decoder layers with CCA, counted from 1 as in RETRO's Table 10; None: RETRO's rule,
+    # every 3rd layer from the 6th (9th beyond 15 layers), one mid-depth layer if fewer than 6.
+    cca_layers: tuple[int, ...] | None = None
+    encoder_layers: int = 2  # RETRO §2.3: a 2-layer bidirectional encoder
+    encoder_d_model: int | None = None  # encoder width; None: the decoder's (RETRO: 896 both)
+    encoder_d_ff: int | None = None  # encoder FFN width; None: the decoder's d_ff ratio
+    shared_embeddings: bool = False  # the encoder reads the decoder's token embedding (Table 13)
+    query_conditioning: bool = True  # the encoder attends to its chunk's decoder activations
+
+    def __post_init__(self):
+        if isinstance(self.cca_layers, list):  # from JSON
+            object.__setattr__(self, "cca_layers", tuple(self.cca_layers))
+        self.validate()
+
+    @property
+    def neighbour_len(self) -> int:
+        """r: tokens per neighbour, its chunk and (with ``continuation``) the next chunk."""
+        return self.chunk_size * (2 if self.continuation else 1)
+
+    def validate(self) -> None:
+        req = lambda ok, name, allowed: _require(ok, name, getattr(self, name), allowed,
+                                                 "RetroConfig")
+        for f in dataclasses.fields(self):
+            _check_type(f, getattr(self, f.name), "RetroConfig")
+        for name in ("chunk_size", "n_neighbours", "encoder_layers"):
+            req(getattr(self, name) > 0, name, "a positive integer")
+        for name in ("encoder_d_model", "encoder_d_ff"):
+            req(getattr(self, name) is None or getattr(self, name) > 0, name,
+                "a positive integer or None (the decoder's)")
+        layers = self.cca_layers
+        req(layers is None or (len(layers) > 0 and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in layers) and
+            list(layers) == sorted(set(layers))), "cca_layers",
+            "None or a non-empty increasing tuple of layer numbers (from 1)")
+
+    def layers(self, n_layers: int) -> tuple[int, ...]:
+        """The CCA layers (from 1) of an ``n_layers`` decoder: ``cca_layers`` or RETRO's rule."""
+        if self.cca_layers is not None:
+            return self.cca_layers
+        if n_layers < 6:  # Table 13: one CCA layer mid-depth is nearly as good (0.823 vs 0.822)
+            return ((n_layers + 1) // 2,)
+        return tuple(range(6 if n_layers <= 15 else 9, n_layers + 1, 3))  # Table 10
+
+    def replace(self, **changes: Any) -> "RetroConfig":
+        return _replace(self, changes)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RetroConfig":
+        return cls().replace(**d)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only Transformer. The defaults are PaLM's choices at a laptop size.
 
@@ -124,6 +190,7 @@ class ModelConfig:
     embed_init_std: float = 0.02  # GPT-2's 0.02 (PaLM's N(0,1): see the class docstring)
     init_scale: float = 1.0  # multiplies the fan-in (1/sqrt(fan_in)) std of every kernel
     moe: MoEConfig | None = None  # GLaM: mixture-of-experts FFNs (None: dense)
+    retro: RetroConfig | None = None  # RETRO: retrieval and chunked cross-attention (None: off)
     # "blocked" (query blocks skip the keys after them; fastest on CPU) | "xla" (JAX's
     # dot_product_attention) | "cudnn" (fused flash attention, NVIDIA GPUs, 16-bit)
     attention_impl: str = "blocked"
@@ -180,12 +247,29 @@ class ModelConfig:
         if self.moe is not None:
             _require(self.moe.every <= self.n_layers, "moe", self.moe,
                      f"every <= n_layers={self.n_layers} (else no layer is an MoE)")
+        if self.retro is not None:
+            self._validate_retro()
         if self.position == "relative":
             _require(self.relative_buckets >= 2, "relative_buckets", self.relative_buckets,
                      "at least 2 (half exact offsets, half log-spaced)")
             _require(self.relative_max_distance > self.relative_buckets // 2,
                      "relative_max_distance", self.relative_max_distance,
                      f"more than relative_buckets // 2 = {self.relative_buckets // 2}")
+
+    def _validate_retro(self) -> None:
+        retro, L = self.retro, self.n_layers
+        _require(all(1 <= i <= L for i in retro.layers(L)), "retro.cca_layers",
+                 retro.cca_layers, f"layers within 1..n_layers={L}")
+        _require(self.head_size % 2 == 0, "head_dim", self.head_size,
+                 "an even head size with retro (its cross-attention rotates pairs: RoPE)")
+        if retro.shared_embeddings:
+            _require(retro.encoder_d_model in (None, self.d_model), "retro.encoder_d_model",
+                     retro.encoder_d_model, f"None or d_model={self.d_model} with "
+                     "retro.shared_embeddings=True")
+
+    def is_cca_layer(self, i: int) -> bool:
+        """Whether layer i (from 0, like ``is_moe_layer``) has chunked cross-attention."""
+        return self.retro is not None and i + 1 in self.retro.layers(self.n_layers)
 
     def is_moe_layer(self, i: int) -> bool:
         """Whether layer i's FFN is a mixture of experts (see ``MoEConfig``)."""
@@ -204,6 +288,8 @@ class ModelConfig:
         """Inverse of ``to_dict``; unknown keys raise ``ValueError`` listing the valid ones."""
         if isinstance(d.get("moe"), dict):
             d = {**d, "moe": MoEConfig.from_dict(d["moe"])}
+        if isinstance(d.get("retro"), dict):
+            d = {**d, "retro": RetroConfig.from_dict(d["retro"])}
         return cls().replace(**d)
 
 
@@ -214,7 +300,9 @@ def _require(ok: bool, name: str, value: Any, allowed: str, owner: str = "ModelC
 
 _TYPES = {"int": (int,), "int | None": (int, type(None)), "float": (int, float), "bool": (bool,),
           "str": (str,), "str | None": (str, type(None)), "float | None": (int, float, type(None)),
-          "MoEConfig | None": (MoEConfig, type(None))}
+          "MoEConfig | None": (MoEConfig, type(None)),
+          "RetroConfig | None": (RetroConfig, type(None)),
+          "tuple[int, ...] | None": (tuple, type(None))}
 
 
 def _check_type(f: dataclasses.Field, value: Any, owner: str = "ModelConfig") -> None:
@@ -273,6 +361,12 @@ class TrainConfig:
     checkpoint_every: int = 100  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept
     quiet: bool = False  # throttled progress output (papermill sweeps)
+    # RETRO (a model with ``retro``): the database is the training split's chunks.
+    retrieval: str = "bm25"  # keys: "bm25" (over token ids) | "model:RUN_DIR" (a frozen run's mean hidden state)
+    retrieval_index: str = "flat"  # nearest-neighbour index: "flat" (exact) | "ivfpq:NLIST:M" (faiss)
+    retrieval_db_fraction: float = 1.0  # share of the training documents in the database
+    # RETRO-fit (§4.2): start from this run's parameters, frozen; train only CCA and encoder.
+    retrofit: str | None = None
 
     def __post_init__(self):
         self.validate()
@@ -300,6 +394,8 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             req(0 <= getattr(self, name) < 1, name, "a number in [0, 1)")
         req(0 < self.val_fraction < 1, "val_fraction", "a number in (0, 1)")
+        req(0 < self.retrieval_db_fraction <= 1, "retrieval_db_fraction", "a number in (0, 1]")
+        req(self.retrofit is None or self.retrofit != "", "retrofit", "None or a run directory")
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
                               ("precision", PRECISIONS)):
             req(getattr(self, name) in allowed, name, f"one of {allowed}")
@@ -345,6 +441,18 @@ class TrainConfig:
                              f"batch_size={self.batch_size} x seq_len={self.seq_len} = {tokens} "
                              "tokens per batch: expected a divisor of it (or at least it)")
 
+    def check_retro(self, model: ModelConfig) -> None:
+        """A sequence must split into whole RETRO chunks; RETRO-fit needs a RETRO model."""
+        if model.retro is None:
+            if self.retrofit is not None:
+                raise ValueError(f"TrainConfig.retrofit={self.retrofit!r} is invalid with "
+                                 "ModelConfig.retro=None: expected a model with retro set")
+            return
+        m = model.retro.chunk_size
+        if self.seq_len % m:
+            raise ValueError(f"TrainConfig.seq_len={self.seq_len} is invalid with RetroConfig."
+                             f"chunk_size={m}: expected a multiple of it")
+
     def replace(self, **changes: Any) -> "TrainConfig":
         return _replace(self, changes)
 
@@ -360,13 +468,16 @@ def parse_overrides(assignments: list[str], model: ModelConfig, train: TrainConf
     """Apply CLI overrides such as ``model.block=serial`` or ``train.lr=3e-4``, typed by field.
 
     ``model.moe.FIELD=VALUE`` sets one MoEConfig field (starting from the defaults if the
-    model is dense); ``model.moe=null`` makes it dense. Values are parsed as JSON where
+    model is dense); ``model.moe=null`` makes it dense; ``model.retro.FIELD=VALUE`` and
+    ``model.retro=null`` likewise for RETRO. Values are parsed as JSON where
     possible (numbers, true/false, null), else kept as text; the result is validated like
     any config. Unknown keys list the valid ones.
     """
-    changes: dict[str, dict[str, Any]] = {"model": {}, "train": {}, "model.moe": {}}
+    changes: dict[str, dict[str, Any]] = {"model": {}, "train": {}, "model.moe": {},
+                                          "model.retro": {}}
     valid = [f"model.{f.name}" for f in dataclasses.fields(model)] + \
         [f"model.moe.{f.name}" for f in dataclasses.fields(MoEConfig)] + \
+        [f"model.retro.{f.name}" for f in dataclasses.fields(RetroConfig)] + \
         [f"train.{f.name}" for f in dataclasses.fields(train)]
     for assignment in assignments:
         key, sep, raw = assignment.partition("=")
@@ -375,8 +486,10 @@ def parse_overrides(assignments: list[str], model: ModelConfig, train: TrainConf
                              f"of {valid}")
         section, name = key.rsplit(".", 1)
         changes[section][name] = _parse_value(raw)
-    if changes["model.moe"]:
-        changes["model"]["moe"] = (model.moe or MoEConfig()).replace(**changes["model.moe"])
+    for name, cls in (("moe", MoEConfig), ("retro", RetroConfig)):
+        if changes[f"model.{name}"]:
+            current = getattr(model, name) or cls()
+            changes["model"][name] = current.replace(**changes[f"model.{name}"])
     train = train.replace(**changes["train"])
     # The precision decides the model's dtypes (as in train()), so that a toggle that
     # depends on them, e.g. attention_impl=cudnn with bf16, is validated against them.
@@ -428,4 +541,6 @@ def _parse_value(raw: str) -> Any:
         value = json.loads(raw)
     except ValueError:
         return raw
+    if isinstance(value, list) and value and all(type(v) is int for v in value):
+        return tuple(value)  # e.g. model.retro.cca_layers=[2,4]
     return value if not isinstance(value, (list, dict)) else raw

@@ -15,6 +15,7 @@ from its own first token, so a batched row decodes exactly as it would alone.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import statistics
 from time import perf_counter
@@ -176,6 +177,72 @@ def generate_tokens(model, prompt_BxT, *, prompt_lengths_B=None, max_new_tokens:
     return _decode(graphdef, state, memory, sequence_BxM, positions_BxM, jax.random.key(seed),
                    knobs, n_new=max_new_tokens, use_cache=use_cache,
                    return_logits=return_logits)
+
+
+# ---- RETRO: retrieve every chunk_size tokens -------------------------------------------------
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _retro_call(graphdef, state, tokens_BxT, positions_BxT, cache, new_neighbours):
+    """Feed tokens with the neighbours of the chunks they complete (or None): logits of the
+    last token, the updated caches."""
+    logits_BxTxV, cache = nnx.merge(graphdef, state)(tokens_BxT, positions_BxT, cache,
+                                                     new_neighbours)
+    return logits_BxTxV[:, -1], cache
+
+
+def retro_generate_tokens(model, prompt_BxT, retrieve: Callable[[np.ndarray], np.ndarray], *,
+                          max_new_tokens: int = 32, temperature: float = 1.0,
+                          top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                          stop_ids: Iterable[int] = (), pad_id: int = 0,
+                          return_logits: bool = False) -> Generation:
+    """``generate_tokens`` for a RETRO model (``cfg.retro``), with its KV cache and a
+    ``RetroCache``: whenever a token completes a chunk of M = chunk_size tokens, the host
+    calls ``retrieve(chunk_BxM) -> neighbours_BxJxR`` (embed, search: ``palmlite.retrieval``)
+    and the model encodes them, so that token and the next M - 1 attend to them (RETRO §2.4).
+    The same logits as the full forward with those neighbours (tests/test_retro.py). Rows
+    are not padded (one prompt length); a host loop, one compiled call per token."""
+    cfg, prompt_BxT = model.cfg, np.asarray(prompt_BxT, np.int32)
+    (B, T), M = prompt_BxT.shape, cfg.retro.chunk_size
+    if max_new_tokens < 1 or T + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: expected >= 1 and a "
+                         f"prompt of {T} plus new tokens within max_seq_len={cfg.max_seq_len}")
+    check_sampling(temperature, top_k, top_p, seed)
+    from palmlite import retro
+    sequence_BxL = np.concatenate([prompt_BxT, np.full((B, max_new_tokens), pad_id, np.int32)], 1)
+    L = sequence_BxL.shape[1]
+    cache = dataclasses.replace(init_cache(cfg, B, L), retro=retro.init_retro_cache(cfg, B, L))
+
+    def neighbours(first: int, end: int):  # chunks first .. whose last token is before end
+        chunks = range(first, end // M)
+        if not chunks:
+            return None
+        nbr_BxcxJxR = np.stack([retrieve(sequence_BxL[:, u * M:(u + 1) * M]) for u in chunks], 1)
+        return retro.NewNeighbours(jnp.int32(first), jnp.asarray(nbr_BxcxJxR, jnp.int32))
+
+    graphdef, state = nnx.split(model)
+    positions = lambda a, b: jnp.broadcast_to(jnp.arange(a, b, dtype=jnp.int32), (B, b - a))
+    if T > 1:  # prefill: all but the last prompt token, and the chunks they complete
+        _, cache = _retro_call(graphdef, state, jnp.asarray(prompt_BxT[:, :-1]),
+                               positions(0, T - 1), cache, neighbours(0, T - 1))
+    is_stop_V = np.zeros(cfg.vocab_size, bool)
+    is_stop_V[list(stop_ids)] = True
+    key, done_B, lengths_B, saved = jax.random.key(seed), np.zeros(B, bool), np.zeros(B, int), []
+    for i in range(max_new_tokens):
+        p = T - 1 + i  # the position of the token fed now
+        logits_BxV, cache = _retro_call(graphdef, state, jnp.asarray(sequence_BxL[:, p:p + 1]),
+                                        positions(p, p + 1), cache,
+                                        neighbours((p + 1) // M - 1, p + 1) if (p + 1) % M == 0
+                                        else None)
+        saved += [logits_BxV] if return_logits else []
+        token_B = np.asarray(sample(jax.random.fold_in(key, i), logits_BxV, jnp.float32(temperature),
+                                    jnp.int32(top_k or 0), jnp.float32(top_p or 1.0)))
+        sequence_BxL[:, p + 1] = np.where(done_B, pad_id, token_B)
+        lengths_B += ~done_B
+        done_B |= is_stop_V[sequence_BxL[:, p + 1]]
+        if done_B.all():
+            break
+    new_BxN = jnp.asarray(sequence_BxL[:, T:])
+    return Generation(new_BxN, jnp.asarray(lengths_B),
+                      jnp.stack(saved, 1) if return_logits else None)
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:

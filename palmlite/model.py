@@ -18,6 +18,7 @@ from palmlite.config import ModelConfig
 from palmlite.layers import Norm, check_ids, normal_param
 from palmlite.mlp import MLP
 from palmlite.moe import MoE, MoEStats
+from palmlite import retro
 
 # What a rematerialised block keeps from its forward pass (jax.checkpoint policies):
 # "full" keeps only its input and recomputes the rest in the backward (least memory);
@@ -43,22 +44,32 @@ class Block(nnx.Module):
         self.mlp_norm = None if self.parallel else Norm(cfg)
         # GLaM §3: a mixture of experts replaces the FFN of every `moe.every`-th layer.
         self.mlp = MoE(cfg, rngs=rngs) if cfg.is_moe_layer(i) else MLP(cfg, rngs=rngs)
+        # RETRO §2.4: chunked cross-attention to the retrieved neighbours in some layers.
+        self.cca = retro.ChunkedCrossAttention(cfg, rngs=rngs) if cfg.is_cca_layer(i) else None
 
     def ffn(self, h_BxTxD) -> tuple[jax.Array, MoEStats | None]:
         """The FFN's output, and its routing statistics if it is a mixture of experts."""
         return self.mlp(h_BxTxD) if isinstance(self.mlp, MoE) else (self.mlp(h_BxTxD), None)
 
+    def reads_neighbours(self, retrieved: retro.Retrieved | None) -> bool:
+        return self.cca is not None and retrieved is not None
+
     def __call__(self, x_BxTxD, pos_BxT, bias_BxNxTxS, cache: LayerCache | None,
-                 mask_Bx1xTxS: jax.Array | None = None):
+                 mask_Bx1xTxS: jax.Array | None = None, retrieved: retro.Retrieved | None = None):
         if self.parallel:  # PaLM §2: y = x + Attn(LN(x)) + MLP(LN(x)); ~15% faster at scale
             h_BxTxD = self.attn_norm(x_BxTxD)
             a_BxTxD, cache = self.attn(h_BxTxD, pos_BxT, bias_BxNxTxS, cache, mask_Bx1xTxS)
             f_BxTxD, stats = self.ffn(h_BxTxD)
-            return x_BxTxD + a_BxTxD + f_BxTxD, cache, stats
+            y_BxTxD = x_BxTxD + a_BxTxD + f_BxTxD
+            if self.reads_neighbours(retrieved):  # RETRO: a third parallel branch, + CCA(x)
+                y_BxTxD = y_BxTxD + self.cca(x_BxTxD, retrieved)
+            return y_BxTxD, cache, stats
         # serial (GPT-2, Gopher): y = x + MLP(LN(x + Attn(LN(x))))
         a_BxTxD, cache = self.attn(self.attn_norm(x_BxTxD), pos_BxT, bias_BxNxTxS, cache,
                                    mask_Bx1xTxS)
         x_BxTxD = x_BxTxD + a_BxTxD
+        if self.reads_neighbours(retrieved):  # RETRO's block: attention, CCA, FFN (§2.4)
+            x_BxTxD = x_BxTxD + self.cca(x_BxTxD, retrieved)
         f_BxTxD, stats = self.ffn(self.mlp_norm(x_BxTxD))
         return x_BxTxD + f_BxTxD, cache, stats
 
@@ -91,16 +102,27 @@ class Transformer(nnx.Module):
         # An untied output embedding starts like the input one, so logits start small.
         self.unembed_DxV = None if cfg.tie_embeddings else normal_param(
             rngs, cfg, (D, cfg.vocab_size), ("embed", "vocab"), cfg.embed_init_std)
+        # RETRO: the neighbour encoder, run at the first CCA layer (palmlite.retro)
+        self.encoder = retro.RetroEncoder(cfg, rngs=rngs) if cfg.retro else None
+        self.first_cca = next((i for i in range(cfg.n_layers) if cfg.is_cca_layer(i)), None)
 
     def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
-                 cache: KVCache | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
-        logits_BxTxV, cache, _ = self.forward(tokens_BxT, positions_BxT, cache)
+                 cache: KVCache | None = None, neighbours=None
+                 ) -> jax.Array | tuple[jax.Array, KVCache]:
+        logits_BxTxV, cache, _ = self.forward(tokens_BxT, positions_BxT, cache, neighbours)
         return logits_BxTxV if cache is None else (logits_BxTxV, cache)
 
     def forward(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
-                cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None, list[MoEStats]]:
-        """``__call__``'s work, plus the statistics of each MoE layer (``moe.moe_stats``)."""
-        x_BxTxD, cache, stats = self.trunk(tokens_BxT, positions_BxT, cache)
+                cache: KVCache | None = None, neighbours=None
+                ) -> tuple[jax.Array, KVCache | None, list[MoEStats]]:
+        """``__call__``'s work, plus the statistics of each MoE layer (``moe.moe_stats``).
+
+        RETRO (``cfg.retro``): ``neighbours`` are the token ids B x C x J x R retrieved for
+        each of the C = T / chunk_size chunks (``palmlite.retrieval``); None turns retrieval
+        off, which leaves exactly the base decoder. Decoding with a ``RetroCache`` in the
+        cache takes a ``retro.NewNeighbours`` instead (``generate.retro_generate_tokens``).
+        """
+        x_BxTxD, cache, stats = self.trunk(tokens_BxT, positions_BxT, cache, neighbours)
         return self.unembed(x_BxTxD), cache, stats
 
     def hidden_states(self, tokens_BxT: jax.Array) -> jax.Array:
@@ -110,7 +132,8 @@ class Transformer(nnx.Module):
         return self.final_norm(x_BxTxD).astype(jnp.float32)
 
     def trunk(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
-              cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None, list[MoEStats]]:
+              cache: KVCache | None = None, neighbours=None
+              ) -> tuple[jax.Array, KVCache | None, list[MoEStats]]:
         """Embeddings and blocks: the residual stream before the final norm."""
         cfg, T = self.cfg, tokens_BxT.shape[1]
         check_ids("token id", tokens_BxT, cfg.vocab_size)
@@ -144,15 +167,22 @@ class Transformer(nnx.Module):
         stats, run_block = [], Block.__call__
         if cfg.remat != "none" and cache is None:  # trade FLOPs for activation memory
             run_block = nnx.remat(Block.__call__, policy=REMAT_POLICIES[cfg.remat])
+        retrieved, rcache = None, None if cache is None else cache.retro
         for i, block in enumerate(self.blocks):
+            if i == self.first_cca and (neighbours is not None or rcache is not None):
+                # RETRO §2.3: the encoder reads the chunks' activations at this layer's input
+                retrieved, rcache = retro.condition(
+                    self.encoder, self.embed_VxD, x_BxTxD, neighbours, positions_BxT,
+                    None if cache is None else cache.length, rcache)
             x_BxTxD, layers[i], layer_stats = run_block(block, x_BxTxD, positions_BxT,
-                                                        bias_BxNxTxS, layers[i], mask_Bx1xTxS)
+                                                        bias_BxNxTxS, layers[i], mask_Bx1xTxS,
+                                                        retrieved)
             stats += [layer_stats] if layer_stats is not None else []
         if cache is None:
             return x_BxTxD, None, stats
         return x_BxTxD, KVCache(k=tuple(c.k_BxSxKxH for c in layers),
-                                     v=tuple(c.v_BxSxKxH for c in layers),
-                                     pos_BxS=k_pos_BxS, length=cache.length + T), stats
+                                v=tuple(c.v_BxSxKxH for c in layers), pos_BxS=k_pos_BxS,
+                                length=cache.length + T, retro=rcache), stats
 
     def embed(self, tokens_BxT: jax.Array, positions_BxT: jax.Array) -> jax.Array:
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)

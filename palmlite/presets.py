@@ -8,7 +8,7 @@ the same FLOPs per token.
 
 from __future__ import annotations
 
-from palmlite.config import ModelConfig, MoEConfig
+from palmlite.config import ModelConfig, MoEConfig, RetroConfig
 
 # PaLM §2: SwiGLU, parallel blocks, multi-query, RoPE, tied embeddings, no biases,
 # 256k vocabulary, head size 256 at every scale, d_ff = 4 d_model, 2048 context.
@@ -29,6 +29,14 @@ GPT2 = dict(vocab_size=50_257, max_seq_len=1024, norm="layernorm", activation="g
 GLAM = dict(vocab_size=256_000, max_seq_len=1024, norm="layernorm", activation="geglu",
             block="serial", position="relative", tie_embeddings=True, use_bias=False,
             moe=MoEConfig(n_experts=64, top_k=2, every=2))
+# RETRO Table 2's 172M model: Gopher's architecture at 12 layers, width 896, 16 heads of 64,
+# d_ff 3584, a 128k SentencePiece vocabulary (RETRO §2.1), 2048 tokens; retrieval: chunks of
+# 64, 2 neighbours with continuations, CCA at layers 6, 9, 12 (Table 10), a 2-layer encoder
+# of width 896. palmlite counts 121M + 38.5M non-embedding parameters where the paper says
+# 132M -> 172M: Gopher's Transformer-XL attention has a D x (heads x 64) relative-position
+# projection per layer that palmlite's T5-style bias replaces (tests/test_retro.py).
+_RETRO_BASE = dict(GOPHER, vocab_size=128_000, n_layers=12, n_heads=16, n_kv_heads=16,
+                   head_dim=64, d_model=896, d_ff=3584)
 # Teaching sizes: PaLM's toggles (the ModelConfig defaults), small enough for a laptop CPU.
 TEACHING = dict(vocab_size=8192, n_kv_heads=1, norm="rmsnorm")
 
@@ -83,6 +91,11 @@ _PRESETS: dict[str, dict] = {
     # Teaching MoEs: PaLM's toggles with GLaM's every-other-layer top-2 routing.
     "tiny-moe-4e": dict(_teaching(2, 4, 64, 128), moe=MoEConfig(n_experts=4, top_k=2, every=2)),
     "small-moe-8e": dict(_teaching(4, 4, 128, 256), moe=MoEConfig(n_experts=8, top_k=2, every=2)),
+    "retro-132m": _RETRO_BASE,  # RETRO's baseline (no retrieval)
+    "retro-172m": dict(_RETRO_BASE, retro=RetroConfig()),
+    # A teaching RETRO: tiny's decoder, chunks of 32 tokens (4 per 128-token sequence), CCA
+    # in the first of its two layers (RETRO's rule below 6 layers: one mid-depth layer).
+    "tiny-retro": dict(_teaching(2, 4, 64, 128), retro=RetroConfig(chunk_size=32)),
 }
 
 
