@@ -234,3 +234,31 @@ def condition(encoder: RetroEncoder, embed_VxD, x_BxTxD: jax.Array, neighbours,
         enc_BxCxSxW = jax.lax.dynamic_update_slice(
             enc_BxCxSxW, enc_BxcxSxW.astype(enc_BxCxSxW.dtype), (0, u0, 0, 0))
     return Retrieved(enc_BxCxSxW, pos_BxT), RetroCache(h_BxSxD, enc_BxCxSxW)
+
+
+# ---- RETRO-fitting (§4.2) ----------------------------------------------------------------
+def retrofit(base, retro_cfg, seed: int = 0):
+    """A RETRO model around a trained ``base`` Transformer: its decoder's parameters copied,
+    a fresh encoder and CCA layers, and CCA's output projections at zero, so the model
+    starts exactly at the base one with retrieval on or off. Training then updates only
+    what ``retro_trainable`` marks (the base stays frozen, as in RETRO §4.2)."""
+    from palmlite.model import Transformer  # the model imports this module
+    model = Transformer(base.cfg.replace(retro=retro_cfg), rngs=nnx.Rngs(seed))
+    nnx.update(model, nnx.state(base, nnx.Param))
+    zero_cca_outputs(model)
+    return model
+
+
+def zero_cca_outputs(model) -> None:
+    """Set each CCA layer's output projection (and bias) to zero: the CCA branch adds nothing
+    until training moves it."""
+    for block in model.blocks:
+        if block.cca is not None:
+            for p in (block.cca.attn.o.kernel, block.cca.attn.o.bias):
+                if p is not None:
+                    p[...] = jnp.zeros_like(p[...])
+
+
+def retro_trainable(path: tuple) -> bool:
+    """Whether a parameter (by its state path) is RETRO's own: the encoder or a CCA layer."""
+    return path[0] == "encoder" or "cca" in path
