@@ -121,7 +121,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
     dispatch and combine (data movement, or GShard's one-hot einsums) are not model FLOPs.
     """
     T = cfg.max_seq_len if seq_len is None else seq_len
-    decoder = 6.0 * (count_params(cfg, active=True) - retro_params(cfg)["encoder"]) + \
+    retro = retro_params(cfg)  # the encoder's FLOPs are counted per encoder token below
+    decoder = 6.0 * (count_params(cfg, active=True) - retro["encoder"] -
+                     retro["encoder_embedding"]) + \
         12.0 * cfg.n_layers * cfg.n_heads * cfg.head_size * T
     return decoder + retro_flops_per_token(cfg)
 
