@@ -26,7 +26,7 @@ class TrainingLoop:
     """The host side: feeds batches, logs, evaluates, checkpoints, guards against NaN."""
 
     def __init__(self, tc, cfg, graphdef, schedule, batches, val_ds, train_ds, run_dir, ckpt,
-                 batch_sharding=None):
+                 batch_sharding=None, val_windows=None):
         self.tc, self.cfg, self.graphdef, self.schedule = tc, cfg, graphdef, schedule
         self.batches, self.val_ds, self.train_ds = batches, val_ds, train_ds
         self.run_dir, self.ckpt = run_dir, ckpt
@@ -37,6 +37,7 @@ class TrainingLoop:
         self.peak = None if peak is None else peak * n_devices
         self.flops_per_token = flops_per_token(cfg, tc.seq_len)
         self.batch_sharding = batch_sharding
+        self.val_windows = val_windows  # RETRO: validation windows with their neighbours
         # Where the time goes (seconds): compiling the step, training steps (batches
         # included), evaluation and checkpoints. Setup before the loop is the caller's.
         self.seconds = dict(compile=0.0, training=0.0, evaluation=0.0, checkpoint=0.0)
@@ -47,9 +48,10 @@ class TrainingLoop:
         tc, total, k = self.tc, self.tc.total_steps, self.tc.steps_per_call
         if self.run_dir is not None:
             self.metrics = runs.read_metrics(self.run_dir / "metrics.jsonl", upto=start)
-        shape = (tc.batch_size, tc.seq_len + 1) if k == 1 else (k, tc.batch_size, tc.seq_len + 1)
+        shape = batch_shapes(tc, self.cfg, k)
         t0 = time.perf_counter()  # compiled ahead of time: tokens/s never includes compiling
-        args = [jax.ShapeDtypeStruct(shape, jnp.int32)] + \
+        args = [jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.int32), shape,
+                             is_leaf=_is_shape)] + \
             ([] if k == 1 else [jax.ShapeDtypeStruct((), jnp.int32)])  # + steps to train
         step_fn = make_step(k).lower(state, *args).compile()
         self.seconds["compile"] += time.perf_counter() - t0
@@ -99,18 +101,20 @@ class TrainingLoop:
         then zeros for the steps the call skips."""
         if k == 1:
             return self.batches.get(step, rows)
-        block = np.stack([self.batches.get(s, rows) for s in range(step, step + n)])
-        return np.concatenate([block, np.zeros((k - n, *block.shape[1:]), block.dtype)])
+        batches = [self.batches.get(s, rows) for s in range(step, step + n)]
+        pad = lambda x: np.concatenate([x, np.zeros((k - n, *x.shape[1:]), x.dtype)])
+        return jax.tree.map(lambda *xs: pad(np.stack(xs)), *batches)
 
-    def _place(self, read_rows, shape: tuple[int, ...]) -> jax.Array:
-        """A batch (or block of batches) on the devices: whole, or split over the mesh along
-        its batch rows, each host reading only its own rows (``read_rows(rows)``)."""
+    def _place(self, read_rows, shape):
+        """A batch (or block of batches; a RETRO batch: a dict of tokens and neighbours) on
+        the devices: whole, or split over the mesh along its batch rows, each host reading
+        only its own rows (``read_rows(rows)``)."""
         if self.batch_sharding is None:
-            return jnp.asarray(read_rows(slice(None)))
-        if len(shape) == 2:
-            return sharding.place_batch(read_rows, shape, self.batch_sharding)
-        block = NamedSharding(self.batch_sharding.mesh, P(None, *self.batch_sharding.spec))
-        return sharding.place_batch(read_rows, shape, block, batch_axis=1)
+            return jax.tree.map(jnp.asarray, read_rows(slice(None)))
+        if isinstance(shape, dict):
+            return {name: _place_array(lambda rows, n=name: read_rows(rows)[n], shape[name],
+                                       self.batch_sharding[name]) for name in shape}
+        return _place_array(read_rows, shape, self.batch_sharding)
 
     def _log(self, state, pending, done, elapsed, bar, evaluate_now: bool):
         got = pending  # already on the host: read after the interval's steps finished
@@ -131,10 +135,7 @@ class TrainingLoop:
                           for k in ("expert_load", "expert_load_per_layer")})
         if evaluate_now:
             t0 = time.perf_counter()
-            ev = evaluate(nnx.merge(self.graphdef, state["params"]), self.val_ds, tc.seq_len,
-                          tc.batch_size, tc.eval_batches,
-                          put=lambda b: self._place(lambda rows: b[rows], b.shape))
-            row.update(val_loss=ev["loss"], val_bits_per_byte=ev["bits_per_byte"])
+            row.update(self._evaluate(state))
             self.seconds["evaluation"] += time.perf_counter() - t0
         self.metrics.append(row)
         if self.run_dir is not None and jax.process_index() == 0:  # one writer per run
@@ -142,6 +143,27 @@ class TrainingLoop:
                 f.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
         bar.update(len(got))
+
+    def _evaluate(self, state) -> dict:
+        """Validation loss and bits per byte; RETRO: with retrieval, and without it."""
+        tc, model = self.tc, nnx.merge(self.graphdef, state["params"])
+        place = lambda b: self._place(lambda rows: jax.tree.map(lambda x: x[rows], b),
+                                      jax.tree.map(np.shape, b))
+        run = lambda windows, put: evaluate(model, self.val_ds, tc.seq_len, tc.batch_size,
+                                            tc.eval_batches, put=put, windows=windows)
+        ev = run(self.val_windows, place)
+        row = dict(val_loss=ev["loss"], val_bits_per_byte=ev["bits_per_byte"])
+        if self.val_windows is not None:
+            off = run(self.val_windows["tokens"], lambda b: self._place_tokens(b))
+            row.update(val_loss_no_retrieval=off["loss"],
+                       val_bits_per_byte_no_retrieval=off["bits_per_byte"])
+        return row
+
+    def _place_tokens(self, b):
+        """Token windows alone onto the mesh (retrieval off in a RETRO run)."""
+        if self.batch_sharding is None:
+            return jnp.asarray(b)
+        return _place_array(lambda rows: b[rows], b.shape, self.batch_sharding["tokens"])
 
     def _check_finite(self, state) -> None:
         bad = int(state["bad_step"])
@@ -159,6 +181,30 @@ class TrainingLoop:
         t0 = time.perf_counter()
         self.ckpt.save(done, state, dict(step=done, tokens=done * self.tc.batch_size * self.tc.seq_len))
         self.seconds["checkpoint"] += time.perf_counter() - t0
+
+
+def batch_shapes(tc: TrainConfig, cfg, k: int = 1):
+    """The shape of one call's batch: [B, T+1] tokens, or for RETRO a dict of those and the
+    neighbours [B, C, J, R]; with k > 1 a block of k of them (a leading axis)."""
+    shape = (tc.batch_size, tc.seq_len + 1)
+    if cfg.retro is not None:
+        r = cfg.retro
+        shape = dict(tokens=shape, neighbours=(tc.batch_size, tc.seq_len // r.chunk_size,
+                                               r.n_neighbours, r.neighbour_len))
+    return shape if k == 1 else jax.tree.map(lambda s: (k, *s), shape, is_leaf=_is_shape)
+
+
+def _is_shape(x) -> bool:
+    return isinstance(x, tuple) and all(isinstance(n, int) for n in x)
+
+
+def _place_array(read_rows, shape: tuple[int, ...], batch_sharding: NamedSharding) -> jax.Array:
+    """One array of a batch (rank = the sharding's) or of a block of batches (one more axis
+    in front, not split) onto the mesh."""
+    if len(shape) == len(batch_sharding.spec):
+        return sharding.place_batch(read_rows, shape, batch_sharding)
+    block = NamedSharding(batch_sharding.mesh, P(None, *batch_sharding.spec))
+    return sharding.place_batch(read_rows, shape, block, batch_axis=1)
 
 
 def _per_step(calls: list[tuple[int, int, dict]]) -> list[dict]:

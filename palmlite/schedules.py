@@ -13,6 +13,7 @@ decay lr²); ``sgd`` (with momentum 0.9).
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -58,3 +59,15 @@ def from_config(tc) -> tuple[optax.Schedule, optax.GradientTransformation]:
     schedule = make_schedule(tc.schedule, tc.lr, tc.total_steps, tc.warmup_steps)
     return schedule, make_optimizer(tc.optimizer, schedule, weight_decay=tc.weight_decay,
                                     grad_clip=tc.grad_clip, beta1=tc.beta1, beta2=tc.beta2)
+
+
+def frozen_except(tx: optax.GradientTransformation, trainable) -> optax.GradientTransformation:
+    """``tx`` on the parameters whose state path ``trainable(path)`` accepts; zero updates
+    (and no optimizer state) for the rest, which therefore never change: RETRO-fitting's
+    frozen base (RETRO §4.2). Clipping's global norm is over the trainable ones only."""
+    def labels(params):
+        def label(path, _):
+            keys = tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+            return "train" if trainable(keys) else "frozen"
+        return jax.tree_util.tree_map_with_path(label, params)
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

@@ -41,7 +41,7 @@ from palmlite.losses import cross_entropy_and_z_loss
 from palmlite.loop import TrainingLoop
 from palmlite.model import Transformer
 from palmlite.moe import moe_stats
-from palmlite import schedules
+from palmlite import retro, schedules
 from palmlite import presets
 from palmlite import runs
 from palmlite import sharding
@@ -83,10 +83,12 @@ class TrainResult:
             model=self.info["model"], train=self.info["train"], versions=self.info["versions"])
 
 
-def compute_loss(model, batch_BxT1, z_loss_coef):
+def compute_loss(model, batch, z_loss_coef):
     """Cross-entropy + z_loss_coef · log²Z on next-token targets, plus a mixture of experts'
-    load-balancing (Switch §2.2) and router z (ST-MoE) losses; returns (loss, metrics)."""
-    logits_BxTxV, _, per_layer = model.forward(batch_BxT1[:, :-1])
+    load-balancing (Switch §2.2) and router z (ST-MoE) losses; returns (loss, metrics).
+    ``batch``: tokens [B, T+1], or for RETRO a dict of them and their ``neighbours``."""
+    batch_BxT1, neighbours = split_batch(batch)
+    logits_BxTxV, _, per_layer = model.forward(batch_BxT1[:, :-1], neighbours=neighbours)
     ce, z = cross_entropy_and_z_loss(logits_BxTxV, batch_BxT1[:, 1:])
     loss, metrics = ce + z_loss_coef * z, dict(loss=ce, z_loss=z)
     if per_layer:
@@ -94,6 +96,11 @@ def compute_loss(model, batch_BxT1, z_loss_coef):
         loss += moe.aux_loss_coef * stats["aux_loss"] + moe.router_z_loss_coef * stats["router_z_loss"]
         metrics.update(stats)
     return loss, metrics
+
+
+def split_batch(batch) -> tuple[jax.Array, jax.Array | None]:
+    """(tokens [B, T+1], RETRO's neighbours [B, C, J, R] or None) of a batch."""
+    return (batch["tokens"], batch["neighbours"]) if isinstance(batch, dict) else (batch, None)
 
 
 def init_state(cfg: ModelConfig, tc: TrainConfig, abstract: bool = False, mesh=None):
@@ -104,6 +111,8 @@ def init_state(cfg: ModelConfig, tc: TrainConfig, abstract: bool = False, mesh=N
     seed = jax.random.key(tc.seed)  # what nnx.Rngs(tc.seed) would make
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: model(seed)))
     schedule, tx = schedules.from_config(tc)
+    if tc.retrofit is not None:  # RETRO §4.2: the base model stays frozen
+        tx = schedules.frozen_except(tx, retro.retro_trainable)
 
     def make(key):  # the key an argument, not a constant: one program for every seed
         params = nnx.state(model(key))
@@ -155,18 +164,19 @@ def make_train_step(graphdef, tx, z_loss_coef: float, state_sharding=None, batch
         return new_state, dict(metrics, grad_norm=optax.tree.norm(grads))
 
     def block_fn(state, block_KxBxT1, n_steps):
-        active_K = jnp.arange(block_KxBxT1.shape[0]) < n_steps
+        active_K = jnp.arange(jax.tree.leaves(block_KxBxT1)[0].shape[0]) < n_steps
         return jax.lax.scan(lambda st, xs: step_fn(st, *xs), state, (block_KxBxT1, active_K))
 
     fn = step_fn if steps_per_call == 1 else block_fn
     if state_sharding is None:
         return jax.jit(fn, donate_argnums=0)
-    replicated = NamedSharding(batch_sharding.mesh, P())
+    mesh = jax.tree.leaves(batch_sharding)[0].mesh
+    replicated = NamedSharding(mesh, P())
     if steps_per_call == 1:
         return jax.jit(fn, donate_argnums=0, in_shardings=(state_sharding, batch_sharding),
                        out_shardings=(state_sharding, replicated))
     # The block axis is not split: each step's batch is, as before.
-    block_sharding = NamedSharding(batch_sharding.mesh, P(None, *batch_sharding.spec))
+    block_sharding = jax.tree.map(lambda s: NamedSharding(mesh, P(None, *s.spec)), batch_sharding)
     return jax.jit(fn, donate_argnums=0, in_shardings=(state_sharding, block_sharding, replicated),
                    out_shardings=(state_sharding, replicated))
 
@@ -185,9 +195,13 @@ def train(model: ModelConfig | str = "small", config: TrainConfig | None = None,
     dtypes = tc.model_dtypes(cfg)  # the precision sets the model's dtypes; a disagreement raises
     check_platform(cfg)  # a toggle this machine cannot run (cuDNN attention off an NVIDIA GPU)
     tc.check_moe_groups(cfg)
+    tc.check_retro(cfg)
     mesh = None if tc.mesh is None else sharding.make_mesh(tc.mesh)  # checks the device count
     batch_sharding = None if mesh is None else \
         sharding.batch_sharding(mesh, (tc.batch_size, tc.seq_len + 1))  # and the batch size
+    if batch_sharding is not None and cfg.retro is not None:  # neighbours split like their rows
+        batch_sharding = dict(tokens=batch_sharding, neighbours=NamedSharding(
+            mesh, P(batch_sharding.spec[0], None, None, None)))
     setup = dict(dtypes=dtypes, mesh=mesh, batch_sharding=batch_sharding, t_start=t_start)
     if out is None:  # everything above is checked before a run directory is touched
         return _train(cfg, tc, None, resume, **setup)
@@ -211,8 +225,14 @@ def _train(cfg: ModelConfig, tc: TrainConfig, run_dir: Path | None, resume: bool
     train_ds = TokenDataset(corpus, tokenizer, split="train", **split)
     val_ds = TokenDataset(corpus, tokenizer, split="validation", **split)
     batches = train_ds.batches(tc.batch_size, tc.seq_len, seed=tc.seed)
+    val_windows = None
+    if cfg.retro is not None:  # RETRO: every chunk's neighbours, searched once and cached
+        from palmlite import retrieval  # faiss and bm25s load only for RETRO
+        batches, val_windows = retrieval.training_data(cfg.retro, tc, train_ds, val_ds, batches)
 
     graphdef, schedule, tx, state = init_state(cfg, tc, mesh=mesh)
+    if tc.retrofit is not None and not resume:
+        state = _start_from_base(state, graphdef, cfg, tc, tokenizer, mesh)
 
     ckpt = Checkpointer(run_dir / "checkpoints", tc.keep_checkpoints) if run_dir else None
     start = 0
@@ -227,7 +247,7 @@ def _train(cfg: ModelConfig, tc: TrainConfig, run_dir: Path | None, resume: bool
             shutil.copyfile(tokenizer.path, run_dir / "tokenizer.model")
         atomic_write_text(run_dir / "config.json", json.dumps(info, indent=1))
     loop = TrainingLoop(tc, cfg, graphdef, schedule, batches, val_ds, train_ds, run_dir, ckpt,
-                 batch_sharding)
+                        batch_sharding, val_windows)
     state_sharding = None if mesh is None else sharding.state_shardings(state, mesh)
     make_step = lambda k: make_train_step(graphdef, tx, tc.z_loss, state_sharding, batch_sharding,
                                           steps_per_call=k)
@@ -240,6 +260,28 @@ def _train(cfg: ModelConfig, tc: TrainConfig, run_dir: Path | None, resume: bool
     cache = {k: v - cache_before[k] for k, v in COMPILATION_CACHE_COUNTS.items()}
     return TrainResult(nnx.merge(graphdef, state["params"]), tokenizer, loop.metrics, run_dir,
                        cfg, tc, info, {**seconds, **loop.seconds}, cache)
+
+
+def _start_from_base(state, graphdef, cfg: ModelConfig, tc: TrainConfig, tokenizer, mesh):
+    """RETRO-fit (§4.2): the state's decoder parameters from the run ``tc.retrofit`` and CCA
+    outputs at zero (``retro.retrofit``); the base run must have this decoder and tokenizer."""
+    base, base_tokenizer, _ = load_run(tc.retrofit)
+    want = cfg.replace(retro=None)
+    if base.cfg.replace(dtype=want.dtype, param_dtype=want.param_dtype) != want:
+        diff = {f: (getattr(base.cfg, f), getattr(want, f)) for f in want.to_dict()
+                if getattr(base.cfg, f) != getattr(want, f)}
+        raise ValueError(f"TrainConfig.retrofit={tc.retrofit!r}: the base run's model differs "
+                         f"from this model without retro in {diff} (base, this)")
+    if base_tokenizer.fingerprint != tokenizer.fingerprint:
+        raise ValueError(f"TrainConfig.retrofit={tc.retrofit!r}: the base run's tokenizer "
+                         f"{base_tokenizer.name} is not this run's {tokenizer.name}")
+    model = nnx.merge(graphdef, state["params"])
+    nnx.update(model, jax.tree.map(lambda p: p.astype(cfg.param_dtype), nnx.state(base, nnx.Param)))
+    retro.zero_cca_outputs(model)
+    params = nnx.state(model)
+    if mesh is not None:
+        params = jax.device_put(params, sharding.state_shardings(params, mesh))
+    return dict(state, params=params)
 
 
 def _all_finite(tree) -> jax.Array:
