@@ -6,6 +6,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from palmlite.losses import cross_entropy_and_z_loss
@@ -43,3 +44,54 @@ def evaluate(model, dataset, seq_len: int, batch_size: int = 8,
     loss = total / (n_full * seq_len)
     return dict(loss=loss, perplexity=math.exp(min(loss, 700.0)),
                 bits_per_byte=dataset.bits_per_byte(loss), tokens=n_full * seq_len)
+
+
+# ---- RETRO §2.6: how much of retrieval's gain is copying ----------------------------------
+@nnx.jit
+def _token_losses(model, tokens_BxT1, neighbours):
+    logits_BxTxV = model(tokens_BxT1[:, :-1], neighbours=neighbours).astype(jnp.float32)
+    target_BxT = jnp.take_along_axis(logits_BxTxV, tokens_BxT1[:, 1:, None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits_BxTxV, axis=-1) - target_BxT
+
+
+def chunk_losses(model, windows, chunk_size: int, batch_size: int = 8,
+                 retrieval: bool = True) -> np.ndarray:
+    """Mean loss (nats per token) of every window's chunks u = 1 .. C-1, [N, C-1].
+
+    Chunk u's tokens are the targets of positions u·M - 1 .. u·M + M - 2, exactly the
+    positions that read chunk u-1's neighbours (RETRO §2.4), so a chunk's loss pairs with
+    the overlap between it and those neighbours (``retrieval.chunk_overlap``). Chunk 0 has
+    no neighbours before it and is left out. ``windows``: a dict of ``tokens`` [N, T+1] and
+    ``neighbours`` (``retrieval.neighbour_windows``), or tokens alone for a model without
+    retrieval; ``retrieval=False`` evaluates a RETRO model with retrieval off.
+    """
+    tokens = windows["tokens"] if isinstance(windows, dict) else windows
+    N, T, M = tokens.shape[0], tokens.shape[1] - 1, chunk_size
+    if T % M:
+        raise ValueError(f"windows of {T} tokens are not whole chunks of chunk_size={M}")
+    out = []
+    for i in range(0, N, batch_size):
+        nbr = windows["neighbours"][i:i + batch_size] if retrieval and \
+            isinstance(windows, dict) else None
+        losses_BxT = np.asarray(_token_losses(model, jnp.asarray(tokens[i:i + batch_size]),
+                                              None if nbr is None else jnp.asarray(nbr)))
+        # positions M-1 .. T-2 in rows of M: row u-1 holds chunk u's targets
+        out.append(losses_BxT[:, M - 1:T - 1].reshape(len(losses_BxT), T // M - 1, M).mean(-1))
+    return np.concatenate(out)
+
+
+def leakage_curve(losses: dict[str, np.ndarray], overlap: np.ndarray,
+                  alphas=(0.0, 0.125, 0.25, 0.5, 0.75, 1.0)) -> list[dict]:
+    """RETRO §2.6: for each threshold α, each model's mean chunk loss over the chunks whose
+    overlap with their neighbours r(C) is at most α (``losses``: name -> [N, C-1], as
+    ``chunk_losses``; ``overlap`` likewise). At α = 1 every chunk counts; small α keeps only
+    chunks that retrieval could not have copied. Rows: alpha, chunks, fraction, and the
+    loss of each model."""
+    rows = []
+    for alpha in alphas:
+        kept = overlap <= alpha + 1e-9
+        row = dict(alpha=float(alpha), chunks=int(kept.sum()), fraction=float(kept.mean()))
+        row.update({name: float(x[kept].mean()) if kept.any() else None
+                    for name, x in losses.items()})
+        rows.append(row)
+    return rows

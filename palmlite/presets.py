@@ -93,9 +93,14 @@ _PRESETS: dict[str, dict] = {
     "small-moe-8e": dict(_teaching(4, 4, 128, 256), moe=MoEConfig(n_experts=8, top_k=2, every=2)),
     "retro-132m": _RETRO_BASE,  # RETRO's baseline (no retrieval)
     "retro-172m": dict(_RETRO_BASE, retro=RetroConfig()),
-    # A teaching RETRO: tiny's decoder, chunks of 32 tokens (4 per 128-token sequence), CCA
-    # in the first of its two layers (RETRO's rule below 6 layers: one mid-depth layer).
-    "tiny-retro": dict(_teaching(2, 4, 64, 128), retro=RetroConfig(chunk_size=32)),
+    # A teaching RETRO: small's decoder, chunks of 32 tokens (4 per 128-token sequence), CCA
+    # at layer 2 of 4 (RETRO's rule below 6 layers: one mid-depth layer), and a 2-layer
+    # encoder of width 32: the encoder reads k·r / m = 4 neighbour tokens per decoder token,
+    # so at the paper's own width it would cost ~3x the 4-layer decoder (RETRO's 2 encoder
+    # layers against 12 decoder layers cost ~0.7x); at width 32 a step costs ~1.4x its
+    # baseline's FLOPs (benchmarks/retro_step.py).
+    "small-retro": dict(_teaching(4, 4, 128, 256), retro=RetroConfig(
+        chunk_size=32, encoder_d_model=32)),
 }
 
 
