@@ -216,14 +216,10 @@ def _train(cfg: ModelConfig, tc: TrainConfig, run_dir: Path | None, resume: bool
     if run_dir is not None:
         cfg, tc = runs.prepare_run_dir(run_dir, cfg, tc, resume)
 
-    corpus = load_corpus(tc.corpus)
-    runs.same_data_as_saved(run_dir if resume else None, "corpus", corpus)
-    tokenizer = get_tokenizer(tc.tokenizer, corpus)
-    runs.same_data_as_saved(run_dir if resume else None, "tokenizer", tokenizer)
+    saved = run_dir if resume else None  # a resumed run must see the same data
+    corpus, tokenizer, train_ds, val_ds = datasets(
+        tc, check=lambda what, obj: runs.same_data_as_saved(saved, what, obj))
     cfg, replaced = _fit_model_to_data(cfg, tokenizer, tc, dtypes)
-    split = dict(val_fraction=tc.val_fraction, seed=tc.split_seed)
-    train_ds = TokenDataset(corpus, tokenizer, split="train", **split)
-    val_ds = TokenDataset(corpus, tokenizer, split="validation", **split)
     batches = train_ds.batches(tc.batch_size, tc.seq_len, seed=tc.seed)
     val_windows = None
     if cfg.retro is not None:  # RETRO: every chunk's neighbours, searched once and cached
@@ -260,6 +256,19 @@ def _train(cfg: ModelConfig, tc: TrainConfig, run_dir: Path | None, resume: bool
     cache = {k: v - cache_before[k] for k, v in COMPILATION_CACHE_COUNTS.items()}
     return TrainResult(nnx.merge(graphdef, state["params"]), tokenizer, loop.metrics, run_dir,
                        cfg, tc, info, {**seconds, **loop.seconds}, cache)
+
+
+def datasets(tc: TrainConfig, check=lambda what, obj: None):
+    """(corpus, tokenizer, train split, validation split) as ``tc`` names them: the data
+    ``train`` uses (a notebook that needs the same splits calls this). ``check(what, obj)``
+    sees the corpus and the tokenizer before they are used."""
+    corpus = load_corpus(tc.corpus)
+    check("corpus", corpus)
+    tokenizer = get_tokenizer(tc.tokenizer, corpus)
+    check("tokenizer", tokenizer)
+    split = dict(val_fraction=tc.val_fraction, seed=tc.split_seed)
+    return (corpus, tokenizer, TokenDataset(corpus, tokenizer, split="train", **split),
+            TokenDataset(corpus, tokenizer, split="validation", **split))
 
 
 def _start_from_base(state, graphdef, cfg: ModelConfig, tc: TrainConfig, tokenizer, mesh):
