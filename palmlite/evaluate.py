@@ -80,6 +80,19 @@ def chunk_losses(model, windows, chunk_size: int, batch_size: int = 8,
     return np.concatenate(out)
 
 
+def target_overlap(windows: dict, chunk_size: int) -> np.ndarray:
+    """r(C) of every window's chunks u = 1 .. C-1, [N, C-1], paired with ``chunk_losses``:
+    the longest token run chunk u shares with any neighbour of chunk u-1 (the neighbours its
+    tokens are predicted with), over the chunk size (RETRO §2.6; ``retrieval.chunk_overlap``)."""
+    from palmlite.retrieval import chunk_overlap
+    tokens, nbr_NxCxJxR, M = windows["tokens"], windows["neighbours"], chunk_size
+    N, C = nbr_NxCxJxR.shape[:2]
+    chunks_NxCxM = tokens[:, :C * M].reshape(N, C, M)
+    overlap = chunk_overlap(chunks_NxCxM[:, 1:].reshape(-1, M),
+                            nbr_NxCxJxR[:, :-1].reshape(N * (C - 1), *nbr_NxCxJxR.shape[2:]))
+    return overlap.reshape(N, C - 1)
+
+
 def leakage_curve(losses: dict[str, np.ndarray], overlap: np.ndarray,
                   alphas=(0.0, 0.125, 0.25, 0.5, 0.75, 1.0)) -> list[dict]:
     """RETRO §2.6: for each threshold α, each model's mean chunk loss over the chunks whose

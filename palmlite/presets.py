@@ -99,6 +99,9 @@ _PRESETS: dict[str, dict] = {
     # so at the paper's own width it would cost ~3x the 4-layer decoder (RETRO's 2 encoder
     # layers against 12 decoder layers cost ~0.7x); at width 32 a step costs ~1.4x its
     # baseline's FLOPs (benchmarks/retro_step.py).
+    # The notebook's and the quick study's RETRO: tiny's decoder with the same retrieval.
+    "tiny-retro": dict(_teaching(2, 4, 64, 128), retro=RetroConfig(
+        chunk_size=32, encoder_d_model=32)),
     "small-retro": dict(_teaching(4, 4, 128, 256), retro=RetroConfig(
         chunk_size=32, encoder_d_model=32)),
 }
