@@ -1,0 +1,777 @@
+"""RETRO's retrieval side (Borgeaud et al. 2021): the chunk database, its keys, the search,
+and every training chunk's neighbours computed once.
+
+RETRO (§2.2–2.3) cuts the training text into chunks of M = 64 tokens. The database is a
+key-value memory: a value is a chunk N and its continuation F, the next M tokens of the
+same text (R = 2M tokens); a key is a frozen BERT's embedding of N averaged over time.
+Each chunk of a training sequence gets the J nearest keys by squared L2 distance (SCaNN in
+the paper). The neighbours of the training data are computed once, before training, and
+any neighbour from the same document as the training sequence is removed (§2.3): else the
+model would be handed the text it must predict.
+
+    corpus = load_corpus("pystdlib")
+    train = TokenDataset(corpus, get_tokenizer("bpe:8192", corpus), split="train")
+    db = ChunkDatabase(train, chunk_size=64)                 # the training split, in chunks
+    retriever = Retriever(db, "bm25")       # or Retriever(db, "model:RUN_DIR", "ivfpq:256:16")
+    nbrs = precompute_neighbours(retriever, train, k=2, seq_len=512)   # cached on disk
+    batches = NeighbourBatches(train.batches(16, 512), nbrs, db, length=128)
+    batch = batches.get(step)       # tokens B x (T+1), neighbours B x C x J x R
+
+What palmlite does the same way, and what differently:
+
+- ``ChunkDatabase``: the training split's flat token array (documents joined by EOS) cut
+  into consecutive M-token chunks; ``fraction`` keeps the chunks of a seeded share of the
+  documents, for RETRO's "gain against database size" (Table 14, there 2B to 1.75T tokens).
+- Keys, named by a spec: ``"bm25"``, BM25 over token ids (exact, by ``bm25s``), which later
+  work (Norlund et al. 2023; Doostmohammadi et al. 2023) found as good as dense keys or
+  better; or ``"model:RUN_DIR"``, the frozen final hidden states of a trained palmlite run
+  averaged over the chunk: the paper's frozen BERT, replaced by our own model (no download).
+- Dense keys are searched by faiss: ``"flat"`` is exact squared L2, ``"ivfpq:NLIST:M"`` an
+  inverted file with product quantization, approximate, for databases far beyond 10^5 chunks.
+- ``precompute_neighbours``: every chunk of a split gets its J neighbours, excluding (for the
+  training split) every database chunk whose text or continuation touches a document of
+  the query's whole training window, so a neighbour is never a later part of the sequence.
+- ``NeighbourBatches``: ``Batches`` with each chunk's neighbour values, a pure function of
+  (seed, step) like the batches themselves. ``for_training(retro, tc, train, valid)`` puts
+  it all together for a RETRO run, as its RetroConfig and TrainConfig say.
+- ``chunk_overlap``: RETRO's leakage measure (§2.6), r(C), the longest token substring a chunk
+  shares with any of its neighbours, as a fraction of the chunk. Losses reported over
+  chunks with r(C) <= alpha separate retrieval from copying.
+
+Shapes are in the names: Q queries, M chunk size, J neighbours, R neighbour length, C chunks
+per sequence, N database chunks, D key width, B batch, T sequence length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from palmlite.files import atomic_path, atomic_write_text, cache_dir, sha256_file
+
+__all__ = ["ChunkDatabase", "BM25Embedder", "ModelEmbedder", "make_embedder", "BM25Index",
+           "FaissIndex", "parse_index_spec", "Retriever", "precompute_neighbours",
+           "NeighbourBatches", "neighbour_windows", "RetroData", "for_training", "training_data",
+           "longest_common_substring", "chunk_overlap"]
+FORMAT_VERSION = 1
+MIN_POINTS_PER_CENTROID = 39  # faiss's k-means warns below this (ClusteringParameters)
+PQ_CODES = 256  # 8-bit sub-quantizers: 256 centroids each
+SCORE_BLOCK = 2**26  # BM25 scores computed for this many (query, chunk) pairs at a time (256 MB)
+
+
+def _fingerprint(**fields) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}={value!r} is invalid: expected a positive integer")
+    return int(value)
+
+
+# ---- the database ----------------------------------------------------------------------
+class ChunkDatabase:
+    """The chunks of one split (``dataset``, normally the training split): database id i is
+    the flat chunk ``flat_ids[i]``, tokens ``flat_ids[i]*M .. flat_ids[i]*M + M - 1``.
+
+    Documents are numbered by the EOS tokens of the flat array (an EOS belongs to the
+    document it ends). ``first_doc``/``last_doc`` are the first and last document a chunk
+    touches, ``continuation_last_doc`` the last one its continuation touches. With
+    ``fraction`` < 1 only the chunks lying wholly in a seeded ``fraction`` of the documents
+    are kept (a fraction of documents, not of tokens); values still read the flat array.
+    """
+
+    def __init__(self, dataset, chunk_size: int, fraction: float = 1.0, seed: int = 0):
+        m = self.chunk_size = _positive_int("chunk_size", chunk_size)
+        if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or \
+                not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction={fraction!r} is invalid: expected a number in (0, 1]")
+        self.dataset, self.fraction, self.seed = dataset, float(fraction), int(seed)
+        self.tokens, self.eos_id = dataset.tokens, int(dataset.tokenizer.eos_id)
+        n_flat = len(self.tokens) // m
+        if n_flat < 1:
+            raise ValueError(f"the {dataset.split} split has {len(self.tokens)} tokens: too few "
+                             f"for one chunk of chunk_size={m}")
+        self.eos_positions = np.flatnonzero(np.asarray(self.tokens) == self.eos_id)
+        self.n_documents = len(self.eos_positions) + int(self.tokens[-1] != self.eos_id)
+        starts = np.arange(n_flat, dtype=np.int64) * m
+        first, last = self.document_of(starts), self.document_of(starts + m - 1)
+        self.kept_documents = self._kept_documents()
+        kept_cum = np.concatenate([[0], np.cumsum(np.isin(np.arange(self.n_documents),
+                                                          self.kept_documents))])
+        whole = kept_cum[last + 1] - kept_cum[first] == last - first + 1
+        self.flat_ids = np.flatnonzero(whole).astype(np.int64)
+        if not self.flat_ids.size:
+            raise ValueError(f"fraction={fraction} keeps no whole chunk of chunk_size={m}: "
+                             "raise the fraction")
+        self.first_doc, self.last_doc = first[self.flat_ids], last[self.flat_ids]
+        ends = np.minimum(starts[self.flat_ids] + 2 * m - 1, len(self.tokens) - 1)
+        self.continuation_last_doc = self.document_of(ends)
+        self.fingerprint = _fingerprint(dataset=dataset.meta, chunk_size=m,
+                                        fraction=self.fraction, seed=self.seed)
+
+    def _kept_documents(self) -> np.ndarray:
+        if self.fraction == 1.0:
+            return np.arange(self.n_documents)
+        n_keep = max(1, round(self.fraction * self.n_documents))
+        order = np.random.default_rng([self.seed, self.n_documents]).permutation(self.n_documents)
+        return np.sort(order[:n_keep])
+
+    def document_of(self, positions) -> np.ndarray:
+        """The document (0, 1, ...) of flat token ``positions``: the EOS tokens before them."""
+        return np.searchsorted(self.eos_positions, np.asarray(positions), side="left")
+
+    def __len__(self) -> int:
+        return int(self.flat_ids.size)
+
+    def __repr__(self) -> str:
+        return (f"ChunkDatabase({len(self):,} chunks of {self.chunk_size} tokens from "
+                f"{self.dataset.corpus.name!r} ({self.dataset.split}), fraction {self.fraction})")
+
+    def values(self, db_ids, length: int) -> np.ndarray:
+        """int32 [..., length]: each chunk and what follows it in the flat array (length 2M:
+        the chunk and its continuation, RETRO's values; M: the chunk alone), EOS past the end."""
+        length = _positive_int("length", length)
+        ids = np.asarray(db_ids)
+        if ids.dtype.kind not in "iu" or (ids.size and (ids.min() < 0 or ids.max() >= len(self))):
+            raise ValueError(f"db_ids must be integer database ids in [0, {len(self)}), got "
+                             f"{ids.dtype} values in [{ids.min() if ids.size else '-'}, "
+                             f"{ids.max() if ids.size else '-'}]")
+        idx = self.flat_ids[ids][..., None] * self.chunk_size + np.arange(length)
+        n = len(self.tokens)
+        out = np.asarray(self.tokens[np.minimum(idx, n - 1).ravel()]).reshape(idx.shape)
+        return np.where(idx < n, out, self.eos_id).astype(np.int32)
+
+    def chunks(self, db_ids) -> np.ndarray:
+        """int32 [..., M]: the chunks themselves (what the keys are computed from)."""
+        return self.values(db_ids, self.chunk_size)
+
+    def excluded_range(self, first_doc_Q, last_doc_Q) -> tuple[np.ndarray, np.ndarray]:
+        """(lo_Q, hi_Q): database ids lo <= i < hi are those whose documents or continuation's
+        documents meet [first_doc, last_doc]. Ids are in text order, so both document bounds
+        grow with the id and the excluded ids of a query are one contiguous range."""
+        first, last = np.asarray(first_doc_Q), np.asarray(last_doc_Q)
+        if first.shape != last.shape or first.ndim != 1 or (first > last).any():
+            raise ValueError("exclude must be a pair of 1-d arrays (first_doc_Q, last_doc_Q) of "
+                             "one shape with first_doc <= last_doc")
+        lo = np.searchsorted(self.continuation_last_doc, first, side="left")
+        hi = np.searchsorted(self.first_doc, last, side="right")
+        return lo, np.maximum(lo, hi)
+
+
+# ---- keys ------------------------------------------------------------------------------
+class BM25Embedder:
+    """BM25 over token ids (each id a word): Lucene's variant with bm25s's defaults
+    (k1 = 1.5, b = 0.75; every chunk has M tokens, so b has no effect). Exact search."""
+
+    name = "bm25"
+
+    def __init__(self, k1: float = 1.5, b: float = 0.75):
+        import bm25s
+        self.k1, self.b = k1, b
+        self.fingerprint = _fingerprint(kind="bm25", method="lucene", k1=k1, b=b,
+                                        bm25s=bm25s.__version__.split(".")[0])
+
+    @staticmethod
+    def check_index_spec(index_spec: str) -> None:
+        if index_spec != "flat":
+            raise ValueError(f"index_spec={index_spec!r} is invalid with BM25 keys: BM25 search "
+                             "is exact (bm25s); use 'flat', or dense keys ('model:RUN_DIR') for "
+                             "faiss indexes")
+
+    def build(self, chunks_NxM: np.ndarray, vocab_size: int, index_spec: str = "flat"):
+        self.check_index_spec(index_spec)
+        return BM25Index(chunks_NxM, vocab_size, self.k1, self.b)
+
+
+class ModelEmbedder:
+    """Keys from a frozen trained palmlite run: ``Transformer.hidden_states`` (the final
+    norm's output) averaged over the chunk's M tokens, float32 [N, D].
+
+    RETRO's keys come from a frozen, separately pre-trained BERT (§2.3). None can be
+    downloaded here, so a language model we trained ourselves stands in: frozen, never
+    updated by the RETRO run, and reading the same token ids (its tokenizer must be the
+    dataset's).
+    """
+
+    def __init__(self, run_dir: str | Path, dataset, batch_size: int = 256):
+        from palmlite.train import load_run  # lazily: train imports the model side of RETRO
+        self.run_dir = Path(run_dir)
+        model, tokenizer, _ = load_run(self.run_dir)
+        theirs = dataset.tokenizer
+        if tokenizer.fingerprint != theirs.fingerprint:
+            raise ValueError(
+                f"the run {str(self.run_dir)!r} uses tokenizer {tokenizer.name!r} (fingerprint "
+                f"{tokenizer.fingerprint[:12]}) but the database's dataset uses {theirs.name!r} "
+                f"(fingerprint {theirs.fingerprint[:12]}): keys must be computed from the same "
+                "token ids; use a run trained with the dataset's tokenizer")
+        self.model, self.batch_size, self.eos_id = model, batch_size, int(theirs.eos_id)
+        self.name = f"model:{self.run_dir}"
+        self.fingerprint = _fingerprint(kind="model", params=self._params_digest())
+        self._forward = None
+
+    def _params_digest(self) -> str:
+        import jax
+        from flax import nnx
+        digest = hashlib.sha256()
+        for leaf in jax.tree.leaves(nnx.state(self.model)):
+            digest.update(np.asarray(leaf).tobytes())
+        return digest.hexdigest()
+
+    def embed(self, chunks_QxM: np.ndarray) -> np.ndarray:
+        """float32 [Q, D]: the mean hidden state of each chunk (one jitted forward per batch
+        of ``batch_size`` chunks; the last batch is padded, so one shape compiles)."""
+        import jax
+        from flax import nnx
+        if self._forward is None:
+            graphdef, state = nnx.split(self.model)
+            mean_hidden = lambda state, x: nnx.merge(graphdef, state).hidden_states(x).mean(1)
+            self._state, self._forward = state, jax.jit(mean_hidden)
+        chunks = np.asarray(chunks_QxM, dtype=np.int32)
+        B, out = min(self.batch_size, len(chunks)), []
+        for i in range(0, len(chunks), B):
+            x = chunks[i:i + B]
+            padded = np.pad(x, ((0, B - len(x)), (0, 0)), constant_values=self.eos_id)
+            out.append(np.asarray(self._forward(self._state, padded))[:len(x)])
+        return np.concatenate(out).astype(np.float32) if out else \
+            np.zeros((0, self.model.cfg.d_model), np.float32)
+
+
+def make_embedder(spec: str, dataset):
+    """``"bm25"`` -> BM25Embedder; ``"model:RUN_DIR"`` -> ModelEmbedder (checked against
+    ``dataset``'s tokenizer)."""
+    if spec == "bm25":
+        return BM25Embedder()
+    if isinstance(spec, str) and spec.startswith("model:") and len(spec) > len("model:"):
+        return ModelEmbedder(spec[len("model:"):], dataset)
+    raise ValueError(f"embedder_spec={spec!r} is invalid: expected 'bm25' or 'model:RUN_DIR' "
+                     "(a trained palmlite run directory)")
+
+
+# ---- search ----------------------------------------------------------------------------
+class BM25Index:
+    """Exact BM25 top-k over the database chunks, for many queries at once.
+
+    bm25s builds the index: a sparse V x N matrix of each token's BM25 weight in each chunk
+    (idf · tf / (tf + k1 (1 - b + b L / L_avg))). A query's score for every chunk is the sum
+    of the rows of its distinct tokens: the same scores as ``bm25s.BM25.retrieve``, but for a
+    block of queries as one matrix product (bm25s scores one query at a time). The few
+    tokens present in most chunks (indentation, newlines) go through a dense BLAS product,
+    the rest through a sparse one. Ties go to the lower id.
+    """
+
+    def __init__(self, chunks_NxM: np.ndarray, vocab_size: int, k1: float = 1.5, b: float = 0.75,
+                 dense_fraction: float = 1 / 32):
+        import bm25s
+        import scipy.sparse as sp
+        chunks = np.asarray(chunks_NxM)
+        self.n, self.vocab_size = len(chunks), int(vocab_size)
+        self.bm25 = bm25s.BM25(k1=k1, b=b, method="lucene")
+        vocab = {i: i for i in range(self.vocab_size)}  # token ids are bm25s's word ids
+        self.bm25.index((chunks.tolist(), vocab), show_progress=False)
+        s = self.bm25.scores  # CSC of N x V = CSR of V x N
+        weights_VxN = sp.csr_matrix((s["data"], s["indices"], s["indptr"]),
+                                    shape=(self.vocab_size, self.n))
+        df_V = np.diff(weights_VxN.indptr)
+        head = np.flatnonzero(df_V >= dense_fraction * self.n)
+        self.column_V = np.full(self.vocab_size, -1)
+        self.column_V[head] = np.arange(head.size)
+        self.head_HxN = weights_VxN[head].toarray().astype(np.float32)
+        tail = np.ones(self.vocab_size, np.float32)
+        tail[head] = 0
+        self.tail_VxN = sp.csr_matrix(sp.diags(tail) @ weights_VxN)
+        self.tail_VxN.eliminate_zeros()
+        self.fingerprint = "flat"
+
+    def scores(self, query_chunks_QxM: np.ndarray) -> np.ndarray:
+        """float32 [Q, N]: BM25 score of every database chunk for each query's distinct tokens."""
+        import scipy.sparse as sp
+        q = np.sort(np.asarray(query_chunks_QxM), axis=1)
+        if q.size and (q.min() < 0 or q.max() >= self.vocab_size):
+            raise ValueError(f"query token ids must be in [0, {self.vocab_size})")
+        distinct = np.ones(q.shape, bool)
+        distinct[:, 1:] = q[:, 1:] != q[:, :-1]
+        rows, cols = np.nonzero(distinct)
+        tokens = q[rows, cols]
+        col = self.column_V[tokens]
+        head = col >= 0
+        dense_QxH = np.zeros((len(q), self.head_HxN.shape[0]), np.float32)
+        dense_QxH[rows[head], col[head]] = 1.0
+        tail_QxV = sp.csr_matrix((np.ones(int((~head).sum()), np.float32),
+                                  (rows[~head], tokens[~head])), shape=(len(q), self.vocab_size))
+        out_QxN = (tail_QxV @ self.tail_VxN).toarray()
+        if dense_QxH.shape[1]:  # out += dense @ head, in place (BLAS's beta = 1)
+            from scipy.linalg.blas import sgemm
+            out_QxN = sgemm(1.0, self.head_HxN.T, dense_QxH.T, beta=1.0, c=out_QxN.T,
+                            overwrite_c=True).T
+        return np.ascontiguousarray(out_QxN, dtype=np.float32)
+
+    def search(self, query_chunks_QxM: np.ndarray, k: int, lo_Q: np.ndarray,
+               hi_Q: np.ndarray) -> np.ndarray:
+        """int64 [Q, k]: highest scores first, skipping ids lo <= i < hi of each query."""
+        block = max(1, SCORE_BLOCK // self.n)
+        ids = [self._search_block(query_chunks_QxM[i:i + block], k, lo_Q[i:i + block],
+                                  hi_Q[i:i + block])
+               for i in range(0, len(query_chunks_QxM), block)]
+        return np.concatenate(ids) if ids else np.zeros((0, k), np.int64)
+
+    def _search_block(self, query_chunks_QxM, k, lo_Q, hi_Q) -> np.ndarray:
+        scores_QxN = self.scores(query_chunks_QxM)
+        for row, lo, hi in zip(scores_QxN, lo_Q, hi_Q):
+            row[lo:hi] = -np.inf
+        return top_k(scores_QxN, k)
+
+
+def top_k(scores_QxN: np.ndarray, k: int) -> np.ndarray:
+    """int64 [Q, k]: the columns of each row's k largest finite scores, largest first, ties
+    by lower column (faiss's multi-threaded heaps: one pass, unlike np.argpartition)."""
+    import faiss
+    scores = np.ascontiguousarray(scores_QxN, dtype=np.float32)
+    Q, n = scores.shape
+    val_QxK, ids_QxK = np.empty((Q, k), np.float32), np.empty((Q, k), np.int64)
+    heaps = faiss.float_minheap_array_t()  # a min-heap keeps the k largest
+    heaps.k, heaps.nh = k, Q
+    heaps.val, heaps.ids = faiss.swig_ptr(val_QxK), faiss.swig_ptr(ids_QxK)
+    heaps.heapify()
+    heaps.addn(n, faiss.swig_ptr(scores))
+    heaps.reorder()
+    if (ids_QxK < 0).any() or not np.isfinite(val_QxK).all():
+        raise ValueError(f"fewer than k={k} candidates were left to choose from")
+    order = np.lexsort((ids_QxK, -val_QxK), axis=-1)
+    return np.take_along_axis(ids_QxK, order, axis=-1)
+
+
+def parse_index_spec(spec: str) -> tuple[str, int, int]:
+    """``"flat"`` -> ("flat", 0, 0); ``"ivfpq:NLIST:M"`` -> ("ivfpq", NLIST, M)."""
+    if spec == "flat":
+        return "flat", 0, 0
+    match = re.fullmatch(r"ivfpq:(\d+):(\d+)", spec) if isinstance(spec, str) else None
+    if not match or int(match[1]) < 1 or int(match[2]) < 1:
+        raise ValueError(f"index_spec={spec!r} is invalid: expected 'flat' (exact squared L2) "
+                         "or 'ivfpq:NLIST:M' (faiss IndexIVFPQ: NLIST inverted lists, M "
+                         "sub-quantizers of 8 bits; positive integers, M dividing the key width)")
+    return "ivfpq", int(match[1]), int(match[2])
+
+
+class FaissIndex:
+    """Dense keys in a faiss index. ``"flat"``: IndexFlatL2, exact squared L2 (enough for
+    ~10^5 chunks). ``"ivfpq:NLIST:M"``: IndexIVFPQ, the keys clustered into NLIST lists by a
+    flat coarse quantizer and each compressed to M bytes; a search probes the ``nprobe``
+    nearest lists, by default round(sqrt(NLIST)) (32 of 1024): about 1/sqrt(NLIST) of
+    the database is scanned; raise ``index.nprobe`` for recall, lower it for speed.
+    """
+
+    def __init__(self, keys_NxD: np.ndarray, index_spec: str = "flat", embed=None, seed: int = 0):
+        import faiss
+        keys = np.ascontiguousarray(keys_NxD, dtype=np.float32)
+        kind, nlist, m = parse_index_spec(index_spec)
+        n, d = keys.shape
+        self.spec, self.embed, self.keys_NxD = index_spec, embed, keys
+        if kind == "flat":
+            self.index = faiss.IndexFlatL2(d)
+        else:
+            _check_ivfpq(n, d, nlist, m)
+            self.index = faiss.IndexIVFPQ(faiss.IndexFlatL2(d), d, nlist, m, 8)
+            per_centroid = faiss.ClusteringParameters().max_points_per_centroid  # 256
+            sample = min(n, per_centroid * max(nlist, PQ_CODES))  # what k-means would use
+            rows = np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))
+            self.index.train(keys[rows])
+            self.index.nprobe = max(1, round(math.sqrt(nlist)))
+        self.index.add(keys)
+        self.seed = seed
+
+    @property
+    def fingerprint(self) -> str:  # nprobe may be changed after construction
+        return _fingerprint(spec=self.spec, seed=self.seed, nprobe=getattr(self.index, "nprobe", 0))
+
+    def search(self, query_chunks_QxM: np.ndarray, k: int, lo_Q, hi_Q) -> np.ndarray:
+        return self.search_keys(self.embed(query_chunks_QxM), k, lo_Q, hi_Q)
+
+    def search_keys(self, keys_QxD: np.ndarray, k: int, lo_Q, hi_Q) -> np.ndarray:
+        """int64 [Q, k], nearest first, skipping ids lo <= i < hi: searches k + 2k deep, then
+        the queries still short again, deeper (at least k + their excluded count)."""
+        keys = np.ascontiguousarray(keys_QxD, dtype=np.float32)
+        n, ids_QxK = self.index.ntotal, np.empty((len(keys), k), np.int64)
+        pending, depth = np.arange(len(keys)), min(self.index.ntotal, 3 * k)
+        nprobe = getattr(self.index, "nprobe", None)  # IVF: restored however this ends
+        try:
+            while pending.size:
+                _, found = self.index.search(keys[pending], depth)
+                lo, hi = lo_Q[pending, None], hi_Q[pending, None]
+                bad = (found < 0) | ((found >= lo) & (found < hi))
+                done = (~bad).sum(1) >= k
+                first_k = np.argsort(bad[done], axis=1, kind="stable")[:, :k]
+                ids_QxK[pending[done]] = np.take_along_axis(found[done], first_k, 1)
+                pending = pending[~done]
+                if pending.size and depth == n:  # IVF: the lists not probed hold the rest
+                    if nprobe is None or self.index.nprobe == self.index.nlist:
+                        raise ValueError(f"the database cannot supply k={k} neighbours")
+                    self.index.nprobe = self.index.nlist
+                depth = min(n, max(2 * depth, k + int((hi_Q - lo_Q)[pending].max(initial=0))))
+        finally:
+            if nprobe is not None:
+                self.index.nprobe = nprobe
+        return ids_QxK
+
+
+def _check_ivfpq(n: int, d: int, nlist: int, m: int) -> None:
+    need = MIN_POINTS_PER_CENTROID * max(nlist, PQ_CODES)
+    if n < need:
+        raise ValueError(
+            f"index 'ivfpq:{nlist}:{m}' needs at least {need:,} training vectors, got {n:,}: "
+            f"faiss's k-means wants {MIN_POINTS_PER_CENTROID} vectors per centroid, for the "
+            f"{nlist} inverted lists and for each sub-quantizer's {PQ_CODES} codes. Fix: fewer "
+            f"lists (NLIST <= {max(1, n // MIN_POINTS_PER_CENTROID)}), a larger database, or "
+            "index_spec='flat' (exact)")
+    if d % m:
+        raise ValueError(f"index 'ivfpq:{nlist}:{m}' is invalid for keys of width {d}: M={m} "
+                         f"sub-quantizers must divide it (e.g. M in "
+                         f"{[x for x in (4, 8, 16, 32, 64) if d % x == 0]})")
+
+
+class Retriever:
+    """A database, its keys and their index: ``search(chunks, k, exclude)`` -> database ids.
+
+    ``embedder_spec``: "bm25" | "model:RUN_DIR"; ``index_spec``: "flat" | "ivfpq:NLIST:M"
+    (dense keys only). ``fingerprint`` names the three together; ``seconds`` says how long
+    the keys and the index took to build.
+    """
+
+    def __init__(self, db: ChunkDatabase, embedder_spec: str = "bm25", index_spec: str = "flat"):
+        parse_index_spec(index_spec)  # a malformed spec fails before any keys are computed
+        if embedder_spec == "bm25":
+            BM25Embedder.check_index_spec(index_spec)
+        self.db, self.index_spec = db, index_spec
+        start = time.perf_counter()
+        self.embedder = make_embedder(embedder_spec, db.dataset)
+        chunks_NxM = db.chunks(np.arange(len(db)))
+        if isinstance(self.embedder, BM25Embedder):  # its keys: BM25's sparse weights
+            self.index = self.embedder.build(chunks_NxM, db.dataset.tokenizer.vocab_size)
+            self.seconds = dict(keys=time.perf_counter() - start, index=0.0)
+        else:
+            keys_NxD = self.embedder.embed(chunks_NxM)
+            middle = time.perf_counter()
+            self.index = FaissIndex(keys_NxD, index_spec, embed=self.embedder.embed)
+            self.seconds = dict(keys=middle - start, index=time.perf_counter() - middle)
+
+    @property
+    def fingerprint(self) -> str:
+        return _fingerprint(db=self.db.fingerprint, embedder=self.embedder.fingerprint,
+                            index=self.index.fingerprint)
+
+    def __repr__(self) -> str:
+        return f"Retriever({self.db!r}, {self.embedder.name!r}, {self.index_spec!r})"
+
+    def search(self, query_chunks_QxM, k: int, exclude=None) -> np.ndarray:
+        """int64 [Q, k]: the database ids of each query chunk's k nearest, nearest first.
+        ``exclude`` = (first_doc_Q, last_doc_Q): skip database chunks whose documents, or
+        their continuation's, meet that range (RETRO §2.3: never the training sequence's own)."""
+        queries, lo, hi = self._check_query(query_chunks_QxM, k, exclude)
+        return self.index.search(queries, k, lo, hi)
+
+    def _check_query(self, query_chunks_QxM, k, exclude):
+        k, m = _positive_int("k", k), self.db.chunk_size
+        queries = np.asarray(query_chunks_QxM)
+        if queries.ndim != 2 or queries.shape[1] != m or queries.dtype.kind not in "iu":
+            raise ValueError(f"query_chunks_QxM must be integer token ids of shape [Q, {m}], got "
+                             f"{queries.dtype} {queries.shape}")
+        if exclude is None:
+            lo = hi = np.zeros(len(queries), np.int64)
+        else:
+            lo, hi = self.db.excluded_range(*exclude)
+            if lo.shape != (len(queries),):
+                raise ValueError(f"exclude must hold one document range per query ({len(queries)}),"
+                                 f" got {lo.shape}")
+        left = len(self.db) - (hi - lo)
+        if left.size and left.min() < k:
+            raise ValueError(f"the database cannot supply k={k} neighbours: {len(self.db):,} "
+                             f"chunks, of which only {int(left.min()):,} are outside the excluded "
+                             "documents of some query; lower k or use a larger database")
+        return queries, lo, hi
+
+
+# ---- every chunk's neighbours, cached ------------------------------------------------
+def precompute_neighbours(retriever: Retriever, dataset, k: int, seq_len: int,
+                          exclude_same_documents: bool = True) -> np.memmap:
+    """int32 [len(dataset) // M, k]: the database ids of the neighbours of every chunk c of
+    ``dataset`` (tokens c*M .. c*M + M - 1), cached in ``cache_dir("retrieval")``.
+
+    With ``exclude_same_documents`` (the training split, RETRO §2.3), chunk c's excluded
+    documents are those of its whole training window c // (seq_len / M): windows start at
+    multiples of seq_len, so no neighbour is ever a later part of the same sequence. The
+    validation split shares no document with the training split: pass False.
+    """
+    db, m = retriever.db, retriever.db.chunk_size
+    k, seq_len = _positive_int("k", k), _positive_int("seq_len", seq_len)
+    if seq_len % m:
+        raise ValueError(f"seq_len={seq_len} must be a multiple of the chunk size M={m}: "
+                         "windows are cut into whole chunks")
+    if dataset.tokenizer.fingerprint != db.dataset.tokenizer.fingerprint:
+        raise ValueError(f"the dataset's tokenizer {dataset.tokenizer.name!r} is not the "
+                         f"database's {db.dataset.tokenizer.name!r}")
+    if exclude_same_documents and dataset.meta != db.dataset.meta:
+        raise ValueError("exclude_same_documents=True compares document numbers of the "
+                         f"database's own split ({db.dataset.split}); for another split "
+                         f"({dataset.split}, whose documents the database lacks) pass False")
+    if len(dataset) < m:
+        raise ValueError(f"the {dataset.split} split has {len(dataset)} tokens: too few for one "
+                         f"chunk of M={m}")
+    meta = dict(format=FORMAT_VERSION, retriever=retriever.fingerprint, db=db.fingerprint,
+                embedder=retriever.embedder.fingerprint, index=retriever.index_spec,
+                dataset=dataset.meta, k=k, seq_len=seq_len,
+                exclude_same_documents=bool(exclude_same_documents),
+                shape=[len(dataset) // m, k])
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
+    name = re.sub(r"[^A-Za-z0-9_.:=,+-]", "_", dataset.corpus.name)[:40]
+    path = cache_dir("retrieval") / f"{name}-{dataset.split}-{key}.bin"
+    problem = _cache_problem(path, meta)
+    if problem:
+        print(f"retrieval: {problem}: computing the {k} neighbours of {meta['shape'][0]:,} "
+              f"chunks of {dataset.corpus.name} ({dataset.split}) into {path}", flush=True)
+        _build_neighbours(retriever, dataset, meta, path, exclude_same_documents)
+    return np.memmap(path, dtype=np.int32, mode="r", shape=tuple(meta["shape"]))
+
+
+def _cache_problem(path: Path, meta: dict) -> str | None:
+    """Why the cached neighbours at ``path`` cannot be used, or None."""
+    try:
+        saved = json.loads(path.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return "no cached neighbours"
+    if not isinstance(saved, dict) or any(saved.get(f) != v for f, v in meta.items()):
+        return "cached neighbours with other settings"
+    if not path.exists() or path.stat().st_size != math.prod(meta["shape"]) * 4:
+        return "cached neighbours of the wrong size (truncated?)"
+    if saved.get("checksum") != sha256_file(path):
+        return "cached neighbours damaged (checksum)"
+    return None
+
+
+def _build_neighbours(retriever, dataset, meta, path, exclude) -> None:
+    from tqdm.auto import tqdm
+    n, k = meta["shape"]
+    path.with_suffix(".json").unlink(missing_ok=True)  # never pair new ids with old metadata
+    block = 4096
+    with atomic_path(path) as tmp:
+        out = np.memmap(tmp, dtype=np.int32, mode="w+", shape=(n, k))  # n >= 1: checked
+        with tqdm(total=n, desc="neighbours", unit="chunk", unit_scale=True, leave=False,
+                  mininterval=1) as bar:
+            for c0 in range(0, n, block):
+                chunk_ids = np.arange(c0, min(n, c0 + block))
+                out[chunk_ids] = _neighbours_of(retriever, dataset, chunk_ids, k, meta["seq_len"],
+                                                exclude)
+                bar.update(len(chunk_ids))
+        out.flush()
+        del out
+    atomic_write_text(path.with_suffix(".json"), json.dumps(
+        {**meta, "checksum": sha256_file(path), "corpus_name": dataset.corpus.name,
+         "tokenizer_name": dataset.tokenizer.name, "embedder_name": retriever.embedder.name},
+        indent=1))
+
+
+def _neighbours_of(retriever, dataset, chunk_ids, k, seq_len, exclude) -> np.ndarray:
+    """The neighbours of flat chunks ``chunk_ids`` of ``dataset``, excluding the documents of
+    each chunk's training window; dense keys of the database's own chunks are reused."""
+    db, m = retriever.db, retriever.db.chunk_size
+    starts = chunk_ids * m
+    queries = np.asarray(dataset.tokens[starts[:, None] + np.arange(m)], dtype=np.int32)
+    ranges = None
+    if exclude:  # the window's documents (dataset is db.dataset: checked by the caller)
+        window = chunk_ids // (seq_len // m) * seq_len
+        ranges = (db.document_of(window),
+                  db.document_of(np.minimum(window + seq_len, len(dataset) - 1)))
+    queries, lo, hi = retriever._check_query(queries, k, ranges)
+    index = retriever.index
+    if isinstance(index, FaissIndex) and dataset.meta == db.dataset.meta:
+        pos = np.minimum(np.searchsorted(db.flat_ids, chunk_ids), len(db) - 1)
+        known = db.flat_ids[pos] == chunk_ids
+        keys = np.empty((len(chunk_ids), index.keys_NxD.shape[1]), np.float32)
+        keys[known] = index.keys_NxD[pos[known]]
+        if (~known).any():
+            keys[~known] = index.embed(queries[~known])
+        return index.search_keys(keys, k, lo, hi)
+    return index.search(queries, k, lo, hi)
+
+
+# ---- batches with neighbours ------------------------------------------------------------
+class NeighbourBatches:
+    """``Batches`` plus each chunk's neighbour values: ``get(step)`` -> dict(tokens=int32
+    [B, T+1], exactly ``batches.get(step)``, neighbours=int32 [B, C, J, R]), C = T / M chunks,
+    J = the neighbours' k, R = ``length``. A pure function of (seed, step)."""
+
+    retrieval = None  # training_data: the RetroData these came from
+
+    def __init__(self, batches, neighbours, db: ChunkDatabase, length: int):
+        m = db.chunk_size
+        self.batches, self.db, self.length = batches, db, _positive_int("length", length)
+        if batches.seq_len % m:
+            raise ValueError(f"batches.seq_len={batches.seq_len} must be a multiple of the "
+                             f"chunk size M={m}")
+        n_chunks = len(batches.dataset) // m
+        if np.ndim(neighbours) != 2 or len(neighbours) != n_chunks:
+            raise ValueError(f"neighbours must be [{n_chunks}, k] (one row per chunk of the "
+                             "batches' dataset: precompute_neighbours), got "
+                             f"{np.shape(neighbours)}")
+        self.neighbours, self.chunks_per_window = neighbours, batches.seq_len // m
+
+    dataset = property(lambda self: self.batches.dataset)
+    batch_size = property(lambda self: self.batches.batch_size)
+    seq_len = property(lambda self: self.batches.seq_len)
+
+    def epoch(self, step: int) -> float:
+        return self.batches.epoch(step)
+
+    def get(self, step: int, rows: slice = slice(None)) -> dict:
+        tokens_BxT1 = self.batches.get(step, rows)
+        windows_B = self.batches.window_starts(step, rows) // self.batches.seq_len
+        return dict(tokens=tokens_BxT1, neighbours=self._values(windows_B))
+
+    def _values(self, windows_B: np.ndarray) -> np.ndarray:
+        C = self.chunks_per_window
+        chunk_ids_BxC = windows_B[:, None] * C + np.arange(C)
+        ids_BxCxJ = np.asarray(self.neighbours[chunk_ids_BxC.ravel()]).reshape(
+            *chunk_ids_BxC.shape, -1)
+        return self.db.values(ids_BxCxJ, self.length)
+
+    def __iter__(self):
+        step = 0
+        while True:
+            yield self.get(step)
+            step += 1
+
+
+def neighbour_windows(dataset, neighbours, db: ChunkDatabase, seq_len: int, length: int,
+                      max_windows: int | None = None) -> dict:
+    """dict(tokens=[N, T+1], neighbours=[N, C, J, R]): ``dataset.windows(seq_len)`` (consecutive
+    windows, for evaluation) and their chunks' neighbour values."""
+    seq_len, m = _positive_int("seq_len", seq_len), db.chunk_size
+    if seq_len % m:
+        raise ValueError(f"seq_len={seq_len} must be a multiple of the chunk size M={m}")
+    if np.ndim(neighbours) != 2 or len(neighbours) != len(dataset) // m:
+        raise ValueError(f"neighbours must be [{len(dataset) // m}, k] (precompute_neighbours "
+                         f"of this dataset), got {np.shape(neighbours)}")
+    tokens = dataset.windows(seq_len, max_windows)
+    C = seq_len // m
+    chunk_ids_NxC = np.arange(len(tokens))[:, None] * C + np.arange(C)
+    ids = np.asarray(neighbours[chunk_ids_NxC.ravel()]).reshape(len(tokens), C, -1)
+    return dict(tokens=tokens, neighbours=db.values(ids, length))
+
+
+# ---- a RETRO run's retrieval ------------------------------------------------------------------
+class RetroData:
+    """What a RETRO run retrieves with (``for_training``): the training split's database, its
+    retriever, every training chunk's neighbours (same-document ones excluded), and
+    ``windows``/``batches`` that attach neighbour values. ``seconds``: the time of each step."""
+
+    def __init__(self, retro, tc, train_ds, val_ds):
+        start = time.perf_counter()
+        self.retro, self.seq_len, self.train_ds = retro, tc.seq_len, train_ds
+        self.db = ChunkDatabase(train_ds, retro.chunk_size, tc.retrieval_db_fraction,
+                                seed=tc.split_seed)
+        database_s = time.perf_counter() - start
+        self.retriever = Retriever(self.db, tc.retrieval, tc.retrieval_index)
+        self.seconds = dict(database=database_s, **self.retriever.seconds)
+        self._neighbours = {}
+        for name, dataset in (("train", train_ds), ("validation", val_ds)):
+            start = time.perf_counter()
+            self.neighbours(dataset, tc.seq_len)
+            self.seconds[f"{name} neighbours"] = time.perf_counter() - start
+
+    def neighbours(self, dataset, seq_len: int) -> np.memmap:
+        """[len(dataset) // M, J] database ids (cached): the training split's with its
+        windows' documents excluded, any other split's (validation) without exclusion."""
+        own = dataset.meta == self.train_ds.meta
+        key = (json.dumps(dataset.meta, sort_keys=True), seq_len if own else None)
+        if key not in self._neighbours:
+            self._neighbours[key] = precompute_neighbours(
+                self.retriever, dataset, self.retro.n_neighbours, seq_len,
+                exclude_same_documents=own)
+        return self._neighbours[key]
+
+    def windows(self, dataset, seq_len: int, max_windows: int | None = None) -> dict:
+        """``neighbour_windows`` of ``dataset`` (evaluation): tokens and neighbour values."""
+        return neighbour_windows(dataset, self.neighbours(dataset, seq_len), self.db, seq_len,
+                                 self.retro.neighbour_len, max_windows)
+
+    def batches(self, batches) -> NeighbourBatches:
+        return NeighbourBatches(batches, self.neighbours(batches.dataset, batches.seq_len),
+                                self.db, self.retro.neighbour_len)
+
+    def to_dict(self) -> dict:
+        """For a run's config.json."""
+        return dict(retriever=f"{self.retriever.embedder.name}, {self.retriever.index_spec}",
+                    fingerprint=self.retriever.fingerprint, chunks=len(self.db),
+                    chunk_size=self.db.chunk_size, fraction=self.db.fraction,
+                    neighbours=self.retro.n_neighbours, neighbour_len=self.retro.neighbour_len,
+                    seconds={k: round(v, 3) for k, v in self.seconds.items()})
+
+    def __repr__(self) -> str:
+        return f"RetroData({self.retriever!r}, {self.retro.n_neighbours} neighbours per chunk)"
+
+
+def for_training(retro, tc, train_ds, val_ds) -> RetroData:
+    """The retrieval of a RETRO run: ``retro`` (a RetroConfig: chunk size, neighbours,
+    continuation) and ``tc`` (a TrainConfig: ``retrieval`` keys, ``retrieval_index``,
+    ``retrieval_db_fraction``, ``seq_len``; the database's document subset is drawn with
+    ``split_seed``, so every training seed reads the same database)."""
+    return RetroData(retro, tc, train_ds, val_ds)
+
+
+def training_data(retro, tc, train_ds, val_ds, batches) -> tuple[NeighbourBatches, dict]:
+    """(training batches with neighbours, the validation windows with neighbours that
+    ``evaluate`` reads: ``tc.eval_batches`` batches). ``batches.retrieval`` is the RetroData
+    (``to_dict()`` for the run's record)."""
+    data = for_training(retro, tc, train_ds, val_ds)
+    out = data.batches(batches)
+    out.retrieval = data
+    return out, data.windows(val_ds, tc.seq_len, tc.eval_batches * tc.batch_size)
+
+
+# ---- leakage (RETRO §2.6) -----------------------------------------------------------------
+def _longest_common_runs(a_QxM: np.ndarray, b_QxJxR: np.ndarray) -> np.ndarray:
+    """int [Q, J]: the longest run of consecutive tokens a[q] shares with each b[q, j].
+    Dynamic programming over a's positions, vectorised over queries, neighbours and b's
+    positions: run[j, r] = run_prev[j, r - 1] + 1 where a[i] == b[j, r], else 0."""
+    Q, M = a_QxM.shape
+    J, R = b_QxJxR.shape[1:]
+    best = np.zeros((Q, J), np.int64)
+    run = np.zeros((Q, J, R + 1), np.int32)  # column 0: the empty prefix
+    for i in range(M):
+        same = a_QxM[:, i, None, None] == b_QxJxR
+        run[..., 1:] = np.where(same, run[..., :-1] + 1, 0)
+        np.maximum(best, run.max(-1), out=best)
+    return best
+
+
+def longest_common_substring(a_tokens, b_tokens) -> int:
+    """The length of the longest run of consecutive tokens shared by two token sequences."""
+    a, b = np.asarray(a_tokens), np.asarray(b_tokens)
+    if a.ndim != 1 or b.ndim != 1:
+        raise ValueError(f"a_tokens and b_tokens must be 1-d token sequences, got shapes "
+                         f"{a.shape} and {b.shape}")
+    if not a.size or not b.size:
+        return 0
+    return int(_longest_common_runs(a[None], b[None, None])[0, 0])
+
+
+def chunk_overlap(chunks_QxM, neighbour_values_QxJxR) -> np.ndarray:
+    """float [Q]: RETRO's r(C) (§2.6), the longest token substring each chunk shares with any
+    of its neighbours, divided by the chunk size M. r(C) <= 0.125 at M = 64: fewer than 8
+    consecutive tokens in common."""
+    chunks, values = np.asarray(chunks_QxM), np.asarray(neighbour_values_QxJxR)
+    if chunks.ndim != 2 or values.ndim != 3 or values.shape[0] != chunks.shape[0]:
+        raise ValueError(f"chunks_QxM must be [Q, M] and neighbour_values_QxJxR [Q, J, R] with "
+                         f"one Q, got {chunks.shape} and {values.shape}")
+    if not chunks.size or not values.shape[1] or not values.shape[2]:
+        return np.zeros(chunks.shape[0])
+    step = max(1, 2**24 // max(1, values[0].size))  # queries per block: bounded memory
+    runs = np.concatenate([_longest_common_runs(chunks[i:i + step], values[i:i + step])
+                           for i in range(0, len(chunks), step)])
+    return runs.max(1) / chunks.shape[1]
