@@ -58,7 +58,7 @@ from palmlite.files import atomic_path, atomic_write_text, cache_dir, sha256_fil
 
 __all__ = ["ChunkDatabase", "BM25Embedder", "ModelEmbedder", "make_embedder", "BM25Index",
            "FaissIndex", "parse_index_spec", "Retriever", "precompute_neighbours",
-           "NeighbourBatches", "neighbour_windows", "RetroData", "for_training", "training_data",
+           "NeighbourBatches", "neighbour_windows", "RetroData", "for_training",
            "longest_common_substring", "chunk_overlap"]
 FORMAT_VERSION = 1
 MIN_POINTS_PER_CENTROID = 39  # faiss's k-means warns below this (ClusteringParameters)
@@ -606,8 +606,6 @@ class NeighbourBatches:
     [B, T+1], exactly ``batches.get(step)``, neighbours=int32 [B, C, J, R]), C = T / M chunks,
     J = the neighbours' k, R = ``length``. A pure function of (seed, step)."""
 
-    retrieval = None  # training_data: the RetroData these came from
-
     def __init__(self, batches, neighbours, db: ChunkDatabase, length: int):
         m = db.chunk_size
         self.batches, self.db, self.length = batches, db, _positive_int("length", length)
@@ -722,16 +720,6 @@ def for_training(retro, tc, train_ds, val_ds) -> RetroData:
     ``retrieval_db_fraction``, ``seq_len``; the database's document subset is drawn with
     ``split_seed``, so every training seed reads the same database)."""
     return RetroData(retro, tc, train_ds, val_ds)
-
-
-def training_data(retro, tc, train_ds, val_ds, batches) -> tuple[NeighbourBatches, dict]:
-    """(training batches with neighbours, the validation windows with neighbours that
-    ``evaluate`` reads: ``tc.eval_batches`` batches). ``batches.retrieval`` is the RetroData
-    (``to_dict()`` for the run's record)."""
-    data = for_training(retro, tc, train_ds, val_ds)
-    out = data.batches(batches)
-    out.retrieval = data
-    return out, data.windows(val_ds, tc.seq_len, tc.eval_batches * tc.batch_size)
 
 
 # ---- leakage (RETRO §2.6) -----------------------------------------------------------------

@@ -221,10 +221,12 @@ def _train(cfg: ModelConfig, tc: TrainConfig, run_dir: Path | None, resume: bool
         tc, check=lambda what, obj: runs.same_data_as_saved(saved, what, obj))
     cfg, replaced = _fit_model_to_data(cfg, tokenizer, tc, dtypes)
     batches = train_ds.batches(tc.batch_size, tc.seq_len, seed=tc.seed)
-    val_windows = None
+    val_windows, retrieved = None, None
     if cfg.retro is not None:  # RETRO: every chunk's neighbours, searched once and cached
         from palmlite import retrieval  # faiss and bm25s load only for RETRO
-        batches, val_windows = retrieval.training_data(cfg.retro, tc, train_ds, val_ds, batches)
+        retrieved = retrieval.for_training(cfg.retro, tc, train_ds, val_ds)
+        batches = retrieved.batches(batches)
+        val_windows = retrieved.windows(val_ds, tc.seq_len, tc.eval_batches * tc.batch_size)
 
     graphdef, schedule, tx, state = init_state(cfg, tc, mesh=mesh)
     if tc.retrofit is not None and not resume:
@@ -238,6 +240,8 @@ def _train(cfg: ModelConfig, tc: TrainConfig, run_dir: Path | None, resume: bool
         if restored is not None:
             start, state, _ = restored
     info = dict(runs.run_info(cfg, tc, tokenizer, corpus, train_ds, val_ds), replaced=replaced)
+    if retrieved is not None:
+        info["retrieval"] = retrieved.to_dict()
     if run_dir is not None and jax.process_index() == 0:
         if tokenizer.path is not None:  # keep the vocabulary with the run
             shutil.copyfile(tokenizer.path, run_dir / "tokenizer.model")

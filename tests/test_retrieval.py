@@ -291,15 +291,16 @@ def test_neighbour_windows_follow_the_evaluation_windows(train):
             assert (out["neighbours"][w, j] == db.values(nbrs[w * SEQ_LEN // M + j], M)).all()
 
 
-def test_training_data_is_what_a_retro_run_reads(train):
+def test_for_training_is_what_a_retro_run_reads(train):
     from palmlite.config import RetroConfig, TrainConfig
-    from palmlite.retrieval import for_training, training_data
+    from palmlite.retrieval import for_training
     valid = TokenDataset(toy_corpus(), ByteTokenizer(), split="validation", val_fraction=0.2)
     retro = RetroConfig(chunk_size=M, n_neighbours=2)
     tc = TrainConfig(corpus="toy", tokenizer="bytes", batch_size=3, seq_len=SEQ_LEN,
                      eval_batches=2, val_fraction=0.2)
-    batches, val_windows = training_data(retro, tc, train, valid, train.batches(3, SEQ_LEN))
-    data = batches.retrieval
+    data = for_training(retro, tc, train, valid)
+    batches = data.batches(train.batches(3, SEQ_LEN))
+    val_windows = data.windows(valid, SEQ_LEN, tc.eval_batches * tc.batch_size)
     assert (batches.get(4)["tokens"] == train.batches(3, SEQ_LEN).get(4)).all()
     assert batches.get(4)["neighbours"].shape == (3, SEQ_LEN // M, 2, 2 * M)
     record = data.to_dict()
