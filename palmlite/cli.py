@@ -61,9 +61,14 @@ def _generate(args) -> None:
     from palmlite.generate import check_sampling, generate
     from palmlite.train import load_run
     check_sampling(args.temperature, args.top_k, args.top_p, args.seed)  # before the run loads
-    model, tokenizer, _ = load_run(args.run)
+    model, tokenizer, info = load_run(args.run)
+    retrieve = None
+    if model.cfg.retro is not None:  # RETRO: the run's database, keys and index, rebuilt
+        from palmlite.retrieval import RetroData
+        retrieve = False if args.no_retrieval else RetroData.of_run(info).retrieve
     print(generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   seed=args.seed, retrieve=retrieve))
 
 
 def _sweep(args) -> int:
@@ -118,6 +123,8 @@ def _train_parsers(sub) -> None:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-retrieval", action="store_true",
+                   help="a RETRO run generates without its database (CCA reads nothing)")
 
 
 def _study_parsers(sub) -> None:

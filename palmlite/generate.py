@@ -254,12 +254,19 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
 def generate(model, tokenizer, prompt: str | list[str], *, max_new_tokens: int = 64,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, stop: int | str | Iterable[int | str] | None = None,
-             use_cache: bool = True) -> str | list[str]:
+             use_cache: bool = True, retrieve=None) -> str | list[str]:
     """The continuation of ``prompt`` (or of each prompt in a list), without the prompt.
 
     Generation stops at EOS, at any token id in ``stop`` and at any string in ``stop``
-    (the text is cut before it). temperature=0 decodes greedily.
+    (the text is cut before it). temperature=0 decodes greedily. A RETRO model needs
+    ``retrieve`` (``retrieval.RetroData.retrieve``: chunk ids -> neighbours), or
+    ``retrieve=False`` to generate with retrieval off; each prompt then decodes alone
+    (``retro_generate_tokens``).
     """
+    if model.cfg.retro is not None and retrieve is None:
+        raise ValueError("a RETRO model (cfg.retro) generates with retrieval: pass retrieve= "
+                         "(palmlite.retrieval.RetroData.retrieve), or retrieve=False for "
+                         "retrieval off")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     stops = [stop] if isinstance(stop, (int, str)) else list(stop or ())
     stop_strings = [s for s in stops if isinstance(s, str)]
@@ -267,6 +274,14 @@ def generate(model, tokenizer, prompt: str | list[str], *, max_new_tokens: int =
     stop_ids = {tokenizer.eos_id, *(s for s in stops if isinstance(s, int))}
     stop_ids |= {ids[0] for ids in map(tokenizer.encode, stop_strings) if len(ids) == 1}
     ids = [encode_prompt(tokenizer, p) for p in prompts]
+    if retrieve:  # RETRO: one prompt at a time, retrieving every chunk_size tokens
+        outs = [retro_generate_tokens(model, np.asarray([row_ids], np.int32), retrieve,
+                                      max_new_tokens=max_new_tokens, temperature=temperature,
+                                      top_k=top_k, top_p=top_p, seed=seed, stop_ids=stop_ids,
+                                      pad_id=tokenizer.pad_id) for row_ids in ids]
+        texts = [_decoded(tokenizer, o.tokens_BxN[0], o.lengths_B[0], stop_ids, stop_strings)
+                 for o in outs]
+        return texts[0] if isinstance(prompt, str) else texts
     longest = max(map(len, ids))
     T = min(-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET,
             max(longest, model.cfg.max_seq_len - max_new_tokens))
@@ -277,14 +292,18 @@ def generate(model, tokenizer, prompt: str | list[str], *, max_new_tokens: int =
                           max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                           top_p=top_p, seed=seed, stop_ids=stop_ids, pad_id=tokenizer.pad_id,
                           use_cache=use_cache)
-    texts = []
-    for row, n in zip(np.asarray(out.tokens_BxN), np.asarray(out.lengths_B)):
-        row = row[:n].tolist()
-        text = tokenizer.decode(row[:-1] if row and row[-1] in stop_ids else row)
-        for s in stop_strings:
-            text = text.split(s, 1)[0]
-        texts.append(text)
+    texts = [_decoded(tokenizer, row, n, stop_ids, stop_strings)
+             for row, n in zip(np.asarray(out.tokens_BxN), np.asarray(out.lengths_B))]
     return texts[0] if isinstance(prompt, str) else texts
+
+
+def _decoded(tokenizer, row_N, n, stop_ids, stop_strings) -> str:
+    """A row's first n new ids as text, without a final stop id, cut before a stop string."""
+    row = np.asarray(row_N)[:int(n)].tolist()
+    text = tokenizer.decode(row[:-1] if row and row[-1] in stop_ids else row)
+    for s in stop_strings:
+        text = text.split(s, 1)[0]
+    return text
 
 
 # ---- timing -------------------------------------------------------------------------------

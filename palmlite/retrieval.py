@@ -676,11 +676,7 @@ class RetroData:
         database_s = time.perf_counter() - start
         self.retriever = Retriever(self.db, tc.retrieval, tc.retrieval_index)
         self.seconds = dict(database=database_s, **self.retriever.seconds)
-        self._neighbours = {}
-        for name, dataset in (("train", train_ds), ("validation", val_ds)):
-            start = time.perf_counter()
-            self.neighbours(dataset, tc.seq_len)
-            self.seconds[f"{name} neighbours"] = time.perf_counter() - start
+        self._neighbours = {}  # computed (or read from the cache) when first asked for
 
     def neighbours(self, dataset, seq_len: int) -> np.memmap:
         """[len(dataset) // M, J] database ids (cached): the training split's with its
@@ -688,9 +684,12 @@ class RetroData:
         own = dataset.meta == self.train_ds.meta
         key = (json.dumps(dataset.meta, sort_keys=True), seq_len if own else None)
         if key not in self._neighbours:
+            start = time.perf_counter()
             self._neighbours[key] = precompute_neighbours(
                 self.retriever, dataset, self.retro.n_neighbours, seq_len,
                 exclude_same_documents=own)
+            name = "train" if own else dataset.split
+            self.seconds[f"{name} neighbours"] = time.perf_counter() - start
         return self._neighbours[key]
 
     def windows(self, dataset, seq_len: int, max_windows: int | None = None) -> dict:
@@ -701,6 +700,21 @@ class RetroData:
     def batches(self, batches) -> NeighbourBatches:
         return NeighbourBatches(batches, self.neighbours(batches.dataset, batches.seq_len),
                                 self.db, self.retro.neighbour_len)
+
+    def retrieve(self, chunks_BxM: np.ndarray) -> np.ndarray:
+        """int32 [B, J, R]: the neighbour values of each chunk (no exclusion: a generated
+        chunk has no document), what ``generate.retro_generate_tokens`` calls every M tokens."""
+        ids_BxJ = self.retriever.search(np.asarray(chunks_BxM), self.retro.n_neighbours)
+        return self.db.values(ids_BxJ, self.retro.neighbour_len).astype(np.int32)
+
+    @classmethod
+    def of_run(cls, info: dict) -> "RetroData":
+        """The retrieval a run trained with, rebuilt from its config.json (``info``)."""
+        from palmlite.config import ModelConfig, TrainConfig
+        from palmlite.train import datasets
+        cfg, tc = ModelConfig.from_dict(info["model"]), TrainConfig.from_dict(info["train"])
+        _, _, train_ds, val_ds = datasets(tc)
+        return cls(cfg.retro, tc, train_ds, val_ds)
 
     def to_dict(self) -> dict:
         """For a run's config.json."""

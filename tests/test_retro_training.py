@@ -99,3 +99,27 @@ def test_leakage_curve_at_alpha_one_is_the_mean_chunk_loss(corpus):
     assert curve[-1]["on"] == pytest.approx(float(losses["on"].mean()))
     kept = overlap <= 0.5
     assert curve[1]["chunks"] == kept.sum()
+
+
+def test_cli_trains_a_retro_run_and_generates_with_its_database(corpus, tmp_path, capsys):
+    from palmlite import cli
+    from palmlite.generate import generate
+    run = str(tmp_path / "run")
+    assert cli.main(["train", "--preset", "tiny-retro", "--corpus", corpus, "--tokenizer", "bytes",
+                     "--steps", "10", "--out", run, "--quiet", "--set", "model.retro.chunk_size=8",
+                     "--set", "train.seq_len=32", "--set", "train.batch_size=4",
+                     "--set", "train.val_fraction=0.2", "--set", "train.eval_batches=1"]) == 0
+    capsys.readouterr()
+    generate_args = ["generate", "--run", run, "--prompt", "alpha beta", "--max-new-tokens", "20",
+                     "--temperature", "0"]
+    assert cli.main(generate_args) == 0 and capsys.readouterr().out.strip()
+    assert cli.main(generate_args + ["--no-retrieval"]) == 0 and capsys.readouterr().out.strip()
+    model, tokenizer, info = load_run(run)
+    from palmlite.retrieval import RetroData
+    data = RetroData.of_run(info)  # the run's own database, keys and index
+    assert data.retriever.fingerprint == info["retrieval"]["fingerprint"]
+    chunk = data.db.chunks(np.array([5]))
+    ids = data.retriever.search(chunk, 2)
+    np.testing.assert_array_equal(data.retrieve(chunk), data.db.values(ids, 2 * M))
+    with pytest.raises(ValueError, match="RETRO model .* generates with retrieval"):
+        generate(model, tokenizer, "alpha")
