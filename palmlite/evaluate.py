@@ -22,7 +22,7 @@ def _summed_loss(model, batch):
 
 
 def evaluate(model, dataset, seq_len: int, batch_size: int = 8,
-             max_batches: int | None = None, put=jnp.asarray, windows=None) -> dict[str, float]:
+             max_batches: int | None = None, put=None, windows=None) -> dict[str, float]:
     """Mean next-token loss over ``dataset``'s first windows, in nats, perplexity and bits/byte.
 
     Bits per byte (loss / ln 2 / bytes-per-token) compares runs across tokenizers. ``put``
@@ -31,6 +31,7 @@ def evaluate(model, dataset, seq_len: int, batch_size: int = 8,
     use instead of ``dataset.windows``, e.g. RETRO's dict of tokens and their neighbours
     (``palmlite.retrieval``).
     """
+    put = put or (lambda batch: jax.tree.map(jnp.asarray, batch))
     n_max = None if max_batches is None else max_batches * batch_size
     if windows is None:
         windows = dataset.windows(seq_len, n_max)
@@ -99,12 +100,12 @@ def leakage_curve(losses: dict[str, np.ndarray], overlap: np.ndarray,
     overlap with their neighbours r(C) is at most α (``losses``: name -> [N, C-1], as
     ``chunk_losses``; ``overlap`` likewise). At α = 1 every chunk counts; small α keeps only
     chunks that retrieval could not have copied. Rows: alpha, chunks, fraction, and the
-    loss of each model."""
+    loss of each model; an α that keeps no chunk has no row."""
     rows = []
     for alpha in alphas:
         kept = overlap <= alpha + 1e-9
-        row = dict(alpha=float(alpha), chunks=int(kept.sum()), fraction=float(kept.mean()))
-        row.update({name: float(x[kept].mean()) if kept.any() else None
-                    for name, x in losses.items()})
-        rows.append(row)
+        if kept.any():  # a threshold that keeps no chunk has no loss: no row
+            rows.append(dict(alpha=float(alpha), chunks=int(kept.sum()),
+                             fraction=float(kept.mean()),
+                             **{name: float(x[kept].mean()) for name, x in losses.items()}))
     return rows

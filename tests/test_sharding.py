@@ -170,6 +170,15 @@ def test_cli_trains_on_a_mesh_and_resumes_on_another(measured):
     assert c["losses"] == pytest.approx(c["one_device_losses"], rel=1e-4)
 
 
+@pytest.mark.slow
+def test_retro_trains_on_a_mesh_like_on_one_device(measured):
+    """A RETRO run's batches (tokens and neighbours) split over a 2x2x2 mesh: the same
+    losses as one device."""
+    r = measured["retro"]
+    assert r["status"] == [0, 0]
+    assert r["losses"] == pytest.approx(r["one_device_losses"], rel=1e-4)
+
+
 def _measure(tmp: Path) -> dict:
     """Run with 8 devices: every number the tests above check, as one dict."""
     import numpy as np
@@ -233,6 +242,15 @@ def _measure(tmp: Path) -> dict:
                       one_device_steps=[r["step"] for r in rows["one"]],
                       losses=[r["loss"] for r in rows["mesh"]],
                       one_device_losses=[r["loss"] for r in rows["one"]])
+    # RETRO: batches carry their neighbours, split over the mesh along the rows too.
+    retro = lambda run: argv(run, 4)[:2] + ["tiny-retro"] + argv(run, 4)[3:] + [
+        "--set", "model.retro.chunk_size=8", "--set", "model.retro.encoder_d_model=16"]
+    status = [cli.main(retro("retro-mesh") + ["--mesh", "data=2,fsdp=2,tensor=2"]),
+              cli.main(retro("retro-one"))]
+    losses = {run: [json.loads(line)["loss"] for line in (tmp / run / "metrics.jsonl").open()]
+              for run in ("retro-mesh", "retro-one")}
+    out["retro"] = dict(status=status, losses=losses["retro-mesh"],
+                        one_device_losses=losses["retro-one"])
     return out
 
 

@@ -88,13 +88,14 @@ def _database(ax, rows: list[dict]) -> None:
 
 
 def _leakage(ax, rows: list[dict]) -> None:
-    per = [r["metrics"]["leakage"] for r in rows]
-    alphas = [d["alpha"] for d in per[0]]
+    """Each model's loss over the chunks with r(C) <= α, at the αs every seed has chunks for."""
+    per = [{d["alpha"]: d for d in r["metrics"]["leakage"]} for r in rows]
+    alphas = sorted(set.intersection(*(set(p) for p in per)))
     for i, arch in enumerate(ARCHS):
-        mean, low, high = _band([[d[arch] for d in p] for p in per])
+        mean, low, high = _band([[p[a][arch] for a in alphas] for p in per])
         ax.plot(alphas, mean, color=f"C{i}", marker="o", label=ARCHS[arch])
         ax.fill_between(alphas, low, high, color=f"C{i}", alpha=0.15)
-    kept = statistics.mean(d["fraction"] for p in per for d in p if d["alpha"] == LEAKAGE_ALPHA) \
+    kept = statistics.mean(p[LEAKAGE_ALPHA]["fraction"] for p in per) \
         if LEAKAGE_ALPHA in alphas else None
     ax.set_xlabel("α: chunks whose overlap with their neighbours r(C) ≤ α"
                   + (f"\n(α = {LEAKAGE_ALPHA}: {kept:.0%} of the chunks)" if kept is not None else ""))
