@@ -72,8 +72,22 @@ class CrossAttention(nnx.Module):
         (B, Q, _), S = x_BxQxD.shape, ctx_BxSxW.shape[1]
         q_BxQxNxH = apply_rope(self.q(x_BxQxD), jnp.broadcast_to(q_pos, (B, Q)), self.theta)
         k_BxSxKxH = apply_rope(self.k(ctx_BxSxW), jnp.broadcast_to(k_pos_S, (B, S)), self.theta)
-        out_BxQxNxH = jax.nn.dot_product_attention(q_BxQxNxH, k_BxSxKxH, self.v(ctx_BxSxW))
-        return self.o(out_BxQxNxH)
+        return self.o(attend(q_BxQxNxH, k_BxSxKxH, self.v(ctx_BxSxW)))
+
+
+def attend(q_BxQxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array) -> jax.Array:
+    """Softmax attention of every query over every key (logits and softmax in float32), the
+    K shared key/value heads repeated to N first. Plain einsums: on the CPU 3x faster than
+    ``jax.nn.dot_product_attention``'s grouped path at RETRO's shapes (forward + backward,
+    128 neighbours x 64 tokens x 4 heads; benchmarks/NOTES.md)."""
+    N, K = q_BxQxNxH.shape[2], k_BxSxKxH.shape[2]
+    k_BxSxNxH = jnp.repeat(k_BxSxKxH, N // K, axis=2) if N != K else k_BxSxKxH
+    v_BxSxNxH = jnp.repeat(v_BxSxKxH, N // K, axis=2) if N != K else v_BxSxKxH
+    q_BxQxNxH = q_BxQxNxH * (1.0 / math.sqrt(q_BxQxNxH.shape[-1]))
+    logits_BxNxQxS = jnp.einsum("bqnh,bsnh->bnqs", q_BxQxNxH, k_BxSxNxH,
+                                preferred_element_type=jnp.float32)
+    probs_BxNxQxS = jax.nn.softmax(logits_BxNxQxS, axis=-1).astype(v_BxSxNxH.dtype)
+    return jnp.einsum("bnqs,bsnh->bqnh", probs_BxNxQxS, v_BxSxNxH)
 
 
 class EncoderLayer(nnx.Module):
