@@ -33,7 +33,7 @@ class TrainingLoop:
         self.metrics: list[dict] = []
         peak = device_peak_flops(jax.devices()[0].device_kind)
         # Without a mesh the step runs on one device, whatever the machine has.
-        n_devices = 1 if batch_sharding is None else batch_sharding.mesh.size
+        n_devices = 1 if batch_sharding is None else jax.tree.leaves(batch_sharding)[0].mesh.size
         self.peak = None if peak is None else peak * n_devices
         self.flops_per_token = flops_per_token(cfg, tc.seq_len)
         self.batch_sharding = batch_sharding
