@@ -94,11 +94,13 @@ def test_leakage_curve_at_alpha_one_is_the_mean_chunk_loss(corpus):
     np.testing.assert_allclose(losses["on"], losses["off"], rtol=1e-6)  # zero CCA output
     overlap = target_overlap(windows, M)
     assert overlap.shape == losses["on"].shape and 0 <= overlap.min() and overlap.max() <= 1
-    curve = leakage_curve(losses, overlap, alphas=(0.0, 0.5, 1.0))
-    assert curve[-1]["fraction"] == 1.0
-    assert curve[-1]["on"] == pytest.approx(float(losses["on"].mean()))
+    curve = {row["alpha"]: row for row in leakage_curve(losses, overlap, alphas=(0.0, 0.5, 1.0))}
+    assert curve[1.0]["fraction"] == 1.0
+    assert curve[1.0]["on"] == pytest.approx(float(losses["on"].mean()))
     kept = overlap <= 0.5
-    assert curve[1]["chunks"] == kept.sum()
+    assert curve[0.5]["chunks"] == kept.sum()
+    assert curve[0.5]["off"] == pytest.approx(float(losses["off"][kept].mean()))
+    assert (0.0 in curve) == bool((overlap == 0).any())  # no chunk, no row
 
 
 def test_cli_trains_a_retro_run_and_generates_with_its_database(corpus, tmp_path, capsys):
