@@ -269,8 +269,12 @@ class BM25Index:
 
     def __init__(self, chunks_NxM: np.ndarray, vocab_size: int, k1: float = 1.5, b: float = 0.75,
                  dense_fraction: float = 1 / 32):
+        import logging
         import bm25s
         import scipy.sparse as sp
+        # bm25s sets its logger to DEBUG at import: each index build would print a line
+        # ("Building index from IDs") into a notebook's stderr.
+        logging.getLogger("bm25s").setLevel(logging.WARNING)
         chunks = np.asarray(chunks_NxM)
         self.n, self.vocab_size = len(chunks), int(vocab_size)
         self.bm25 = bm25s.BM25(k1=k1, b=b, method="lucene")
