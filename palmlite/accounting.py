@@ -132,17 +132,24 @@ def retro_flops_per_token(cfg: ModelConfig) -> float:
     """RETRO's extra training FLOPs per decoder token, beyond its parameters' 6N (whose CCA
     share ``flops_per_token`` counts): each chunk of M tokens has J neighbours of R tokens,
     so the encoder's weights (6 FLOPs per weight and token, the lookup table excluded) see
-    J·R / M encoder tokens per decoder token; each encoder token attends to R neighbour
-    tokens (and the chunk's M activations), and each decoder token to J·R encoded ones in
-    every CCA layer: 12 FLOPs per query, key and head dimension, like self-attention."""
+    J·R / M encoder tokens per decoder token, except the keys and values of the chunk's
+    decoder activations, projected once per chunk token; each encoder token attends to R
+    neighbour tokens (and the chunk's M activations), and each decoder token to J·R encoded
+    ones in every CCA layer: 12 FLOPs per query, key and head dimension, like self-attention."""
     if cfg.retro is None:
         return 0.0
     retro, NH = cfg.retro, cfg.n_heads * cfg.head_size
     M, J, R = retro.chunk_size, retro.n_neighbours, retro.neighbour_len
-    per_encoder_token = 6.0 * retro_params(cfg)["encoder"] + 12.0 * retro.encoder_layers * NH * (
-        R + (M if retro.query_conditioning else 0))
+    per_chunk_token = 0.0
+    if retro.query_conditioning:  # (D x K·H) keys and values, (K·H) biases, in every layer
+        from palmlite.retro import encoder_config  # the encoder's derived sizes
+        ecfg = encoder_config(cfg)
+        KH = ecfg.n_kv_heads * ecfg.head_size
+        per_chunk_token = 6.0 * retro.encoder_layers * 2 * KH * (cfg.d_model + ecfg.use_bias)
+    per_encoder_token = 6.0 * retro_params(cfg)["encoder"] - per_chunk_token + \
+        12.0 * retro.encoder_layers * NH * (R + (M if retro.query_conditioning else 0))
     cca_attention = 12.0 * len(retro.layers(cfg.n_layers)) * NH * J * R
-    return J * R / M * per_encoder_token + cca_attention
+    return J * R / M * per_encoder_token + per_chunk_token + cca_attention
 
 
 def mfu(tokens_per_second: float, cfg: ModelConfig, seq_len: int, peak_flops: float) -> float:

@@ -68,10 +68,11 @@ class CrossAttention(nnx.Module):
 
     def __call__(self, x_BxQxD: jax.Array, ctx_BxSxW: jax.Array, q_pos: jax.Array,
                  k_pos_S: jax.Array) -> jax.Array:
-        """``q_pos`` broadcasts to B x Q: the positions RoPE gives the queries."""
-        (B, Q, _), S = x_BxQxD.shape, ctx_BxSxW.shape[1]
-        q_BxQxNxH = apply_rope(self.q(x_BxQxD), jnp.broadcast_to(q_pos, (B, Q)), self.theta)
-        k_BxSxKxH = apply_rope(self.k(ctx_BxSxW), jnp.broadcast_to(k_pos_S, (B, S)), self.theta)
+        """``q_pos`` broadcasts to B x Q: the positions RoPE gives the queries (a 1-D one
+        is shared by all rows, and so are its rotation angles)."""
+        rows = lambda pos: pos.reshape(1, -1) if jnp.ndim(pos) == 1 else pos
+        q_BxQxNxH = apply_rope(self.q(x_BxQxD), rows(q_pos), self.theta)
+        k_BxSxKxH = apply_rope(self.k(ctx_BxSxW), rows(k_pos_S), self.theta)
         return self.o(attend(q_BxQxNxH, k_BxSxKxH, self.v(ctx_BxSxW)))
 
 
@@ -105,14 +106,20 @@ class EncoderLayer(nnx.Module):
         self.mlp_norm = Norm(ecfg)
         self.mlp = MLP(ecfg, rngs=rngs)
 
-    def __call__(self, e_GxRxW: jax.Array, h_GxMxD: jax.Array) -> jax.Array:
-        R, M = e_GxRxW.shape[1], h_GxMxD.shape[1]
+    def __call__(self, e_GxRxW: jax.Array, h_BCxMxD: jax.Array) -> jax.Array:
+        (G, R, W), (BC, M) = e_GxRxW.shape, h_BCxMxD.shape[:2]
         x_GxRxW = self.self_norm(e_GxRxW)
         e_GxRxW = e_GxRxW + self.self_attn(x_GxRxW, x_GxRxW, jnp.arange(R), jnp.arange(R))
-        if self.cross_attn is not None:  # the neighbour's token j and the chunk's token i
-            # sit at j and i of one chunk frame
-            e_GxRxW = e_GxRxW + self.cross_attn(self.cross_norm(e_GxRxW), h_GxMxD,
-                                                jnp.arange(R), jnp.arange(M))
+        if self.cross_attn is not None:
+            # The J neighbours of a chunk all read that chunk's activations and nothing masks
+            # them, so their J·R tokens are one chunk's queries: the chunk's keys and values
+            # are projected once, not J times. The neighbour's token j and the chunk's token
+            # i sit at j and i of one chunk frame.
+            J = G // BC
+            x_BCxJRxW = self.cross_norm(e_GxRxW).reshape(BC, J * R, W)
+            out_BCxJRxW = self.cross_attn(x_BCxJRxW, h_BCxMxD, jnp.tile(jnp.arange(R), J),
+                                          jnp.arange(M))
+            e_GxRxW = e_GxRxW + out_BCxJRxW.reshape(G, R, W)
         return e_GxRxW + self.mlp(self.mlp_norm(e_GxRxW))
 
 
@@ -138,10 +145,9 @@ class RetroEncoder(nnx.Module):
         check_ids("neighbour token id", nbr_BxCxJxR, self.vocab_size)
         table_VxW = decoder_embed_VxD if self.shared else self.embed_VxW
         e_GxRxW = table_VxW[...][nbr_BxCxJxR.reshape(B * C * J, R)].astype(self.dtype)
-        # Every neighbour of chunk u attends to chunk u's activations.
-        h_GxMxD = jnp.repeat(h_BxCxMxD[:, :, None], J, axis=2).reshape(B * C * J, M, -1)
+        h_BCxMxD = h_BxCxMxD.reshape(B * C, M, -1)  # what chunk u's neighbours attend to
         for layer in self.layers:
-            e_GxRxW = layer(e_GxRxW, h_GxMxD)
+            e_GxRxW = layer(e_GxRxW, h_BCxMxD)
         return self.final_norm(e_GxRxW).reshape(B, C, J * R, -1)
 
 
