@@ -56,7 +56,14 @@ def ffn_params(cfg: ModelConfig, layer: int, active: bool = False) -> int:
     moe = cfg.moe
     experts = moe.top_k if active else moe.n_experts
     shared = mlp_params(cfg) if moe.shared_expert else 0
-    return cfg.d_model * moe.n_experts + experts * ffn_weights(cfg) + shared
+    return router_params(cfg) + experts * ffn_weights(cfg) + shared
+
+
+def router_params(cfg: ModelConfig) -> int:
+    """One MoE layer's router: D x E reading tokens, Z x E reading the domain (Task-MoE; a
+    table counted whole, like the embedding), none with a fixed map."""
+    moe = cfg.moe
+    return {"token": cfg.d_model, "task": moe.n_domains, "fixed": 0}[moe.routing] * moe.n_experts
 
 
 def norm_params(cfg: ModelConfig) -> int:

@@ -22,6 +22,11 @@ ABSOLUTE_POSITIONS = ("learned", "sinusoidal")  # added to the embeddings; the r
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("blocked", "xla", "cudnn")
 REMATS = ("none", "full", "dots")
+# MoEConfig's toggles (Pathways: one sparse model, many tasks). What the load-balancing loss
+# averages over, and what the router sees: the token (Switch/GLaM), its domain alone
+# (Task-MoE, Kudugunta et al. 2021), or a fixed domain -> experts map (the upper bound).
+BALANCE_SCOPES = ("batch", "sequence")
+ROUTINGS = ("token", "task", "fixed")
 # Every string toggle of ModelConfig and its allowed values: the one list that validation,
 # the tests and the notebooks read.
 # Seeds are 32-bit: numpy's generators and jax.random.key take any of them (and no larger).
@@ -56,6 +61,16 @@ class MoEConfig:
     router_z_loss_coef: float = 1e-3  # ST-MoE §3.1
     router_init_scale: float = 0.1  # Switch §2.4: router init 10x smaller than the default
     shared_expert: bool = False  # a dense FFN every token also goes through (DeepSeekMoE)
+    # Switch §2.2's f_i and P_i averaged over each call's whole batch ("batch": domains can
+    # specialise, the batch as a whole is balanced) or over each sequence ("sequence": every
+    # sequence must spread its tokens, so a one-domain sequence cannot keep to a few experts).
+    balance_scope: str = "batch"
+    # "token": the router reads each token (Switch, GLaM). "task": it reads the sequence's
+    # domain alone, a learned n_domains x E logit table (Task-MoE §3), so every token of a
+    # domain shares its experts. "fixed": domain d always uses experts d·top_k .. d·top_k +
+    # top_k - 1 with equal gates (no router: the specialisation upper bound).
+    routing: str = "token"
+    n_domains: int | None = None  # domains the "task" and "fixed" routers know (a mix: corpus)
 
     def __post_init__(self):
         self.validate()
@@ -76,6 +91,15 @@ class MoEConfig:
         for name in ("aux_loss_coef", "router_z_loss_coef"):
             req(getattr(self, name) >= 0, name, "a number >= 0")
         req(self.router_init_scale > 0, "router_init_scale", "a positive number")
+        req(self.balance_scope in BALANCE_SCOPES, "balance_scope", f"one of {BALANCE_SCOPES}")
+        req(self.routing in ROUTINGS, "routing", f"one of {ROUTINGS}")
+        by_domain = self.routing != "token"
+        req(self.n_domains is None or self.n_domains > 0, "n_domains", "a positive integer or None")
+        req(self.n_domains is not None or not by_domain, "n_domains",
+            f"the number of domains when routing={self.routing!r} (a positive integer)")
+        req(self.routing != "fixed" or self.n_domains * self.top_k <= self.n_experts, "n_domains",
+            f"at most n_experts / top_k = {self.n_experts // self.top_k} with routing='fixed' "
+            "(each domain gets top_k experts of its own)")
 
     def replace(self, **changes: Any) -> "MoEConfig":
         return _replace(self, changes)
@@ -322,6 +346,42 @@ def _replace(cfg, changes: dict[str, Any]):
     return dataclasses.replace(cfg, **changes)
 
 
+MIX_PREFIX = "mix:"  # TrainConfig.corpus: a mixture of corpora, one domain each
+
+
+def parse_mixture(spec: str) -> list[tuple[str, float]]:
+    """``"mix:NAME=WEIGHT,..."`` -> [(name, weight)] with the weights normalised to sum to 1.
+    Commas inside parentheses belong to a component's name; the weight follows its last '='."""
+    items, depth, current = [], 0, ""
+    for ch in spec.removeprefix(MIX_PREFIX) + ",":
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += ch
+    bad = lambda why: ValueError(f"TrainConfig.corpus={spec!r} is invalid: {why}; expected "
+                                 "'mix:NAME=WEIGHT,NAME=WEIGHT,...' with positive weights")
+    parsed = []
+    for item in items:
+        name, _, weight = item.strip().rpartition("=")
+        name = name[1:-1] if name.startswith("(") and name.endswith(")") else name
+        try:
+            w = float(weight)
+        except ValueError:
+            raise bad(f"{item.strip()!r} has no numeric weight") from None
+        if not name or not math.isfinite(w) or w <= 0:
+            raise bad(f"{item.strip()!r} needs a name and a finite weight > 0")
+        if name.startswith(MIX_PREFIX):
+            raise bad(f"a mixture cannot contain a mixture ({name!r})")
+        parsed.append((name, w))
+    names = [n for n, _ in parsed]
+    if len(set(names)) != len(names):
+        raise bad(f"a domain is named twice in {names}")
+    total = sum(w for _, w in parsed)
+    return [(n, w / total) for n, w in parsed]
+
+
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
 SCHEDULES = ("warmup_cosine", "rsqrt", "constant")
 PRECISIONS = ("float32", "bf16", "pure_bf16")
@@ -395,6 +455,8 @@ class TrainConfig:
             req(0 <= getattr(self, name) < 1, name, "a number in [0, 1)")
         req(0 < self.val_fraction < 1, "val_fraction", "a number in (0, 1)")
         req(0 < self.retrieval_db_fraction <= 1, "retrieval_db_fraction", "a number in (0, 1]")
+        if self.corpus.startswith(MIX_PREFIX):
+            parse_mixture(self.corpus)  # raises, naming the field, before any data is read
         req(self.retrofit is None or self.retrofit != "", "retrofit", "None or a run directory")
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
                               ("precision", PRECISIONS)):
@@ -452,6 +514,24 @@ class TrainConfig:
         if self.seq_len % m:
             raise ValueError(f"TrainConfig.seq_len={self.seq_len} is invalid with RetroConfig."
                              f"chunk_size={m}: expected a multiple of it")
+
+    @property
+    def is_mixture(self) -> bool:
+        """Whether ``corpus`` is a mixture (batches then carry each row's domain id)."""
+        return self.corpus.startswith(MIX_PREFIX)
+
+    def check_domains(self, model: ModelConfig) -> None:
+        """A router that reads the domain needs a mixture of as many domains as it knows."""
+        moe = model.moe
+        n = len(parse_mixture(self.corpus)) if self.is_mixture else None
+        if moe is not None and moe.routing != "token" and moe.n_domains != n:
+            want = f"its number of domains, {n}" if n else \
+                "a 'mix:' corpus (its batches carry each row's domain)"
+            raise ValueError(f"MoEConfig.n_domains={moe.n_domains} (routing={moe.routing!r}) is "
+                             f"invalid with TrainConfig.corpus={self.corpus!r}: expected {want}")
+        if n is not None and model.retro is not None:
+            raise ValueError(f"TrainConfig.corpus={self.corpus!r} is invalid with ModelConfig."
+                             "retro: expected a single corpus (RETRO's database is one corpus)")
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return _replace(self, changes)

@@ -12,6 +12,10 @@ fingerprint that every dataset and run records. Names:
   cache directory and checked against its sha256.
 - ``"tinystories"`` or ``"hf:OWNER/NAME"``: a Hugging Face dataset, when the optional
   ``datasets`` package is installed.
+- ``"mix:pystdlib=0.4,pydocs=0.3,arithmetic=0.3"``: a ``Mixture`` of named corpora with
+  sampling weights (normalised to sum to 1); each is a domain, numbered in order. A component
+  with commas in its own options goes in parentheses: ``mix:pydocs=1,(arithmetic:n=500,
+  lines=4)=1``.
 - anything else: a local file, directory or glob of UTF-8 text files.
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import json
 import os
 import re
 import sysconfig
@@ -28,6 +33,7 @@ import urllib.request
 from pathlib import Path
 
 from palmlite import arithmetic
+from palmlite.config import MIX_PREFIX, parse_mixture
 from palmlite.files import atomic_path, cache_dir, sha256_file
 
 OFFLINE = ("pystdlib", "pydocs", "arithmetic")
@@ -79,9 +85,42 @@ class Corpus:
                 f"{self.n_bytes / 1e6:.2f} MB, fingerprint {self.fingerprint[:12]})")
 
 
+@dataclasses.dataclass(frozen=True, repr=False)
+class Mixture(Corpus):
+    """Corpora sampled with weights, each a domain (Pathways: one model, many tasks).
+
+    ``documents`` are all the components' (what a tokenizer is trained on); training
+    batches draw each sequence from one domain (``palmlite.mixture``). The fingerprint
+    covers the components' fingerprints and the weights."""
+
+    components: tuple[Corpus, ...] = ()
+    weights: tuple[float, ...] = ()
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.components)
+
+    @property
+    def fingerprint(self) -> str:
+        parts = [[c.fingerprint, w] for c, w in zip(self.components, self.weights)]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+    def to_dict(self) -> dict:
+        return dict(super().to_dict(), domains=[dict(c.to_dict(), weight=w) for c, w in
+                                                zip(self.components, self.weights)])
+
+    def __repr__(self) -> str:
+        return f"Mixture({', '.join(f'{c.name}={w:.3g}' for c, w in zip(self.components, self.weights))})"
+
+
 def load_corpus(name_or_path: str | os.PathLike = "pystdlib", **options) -> Corpus:
     """A corpus by name (see the module docstring) or from local text files."""
     name = str(name_or_path)
+    if name.startswith(MIX_PREFIX):
+        parsed = parse_mixture(name)
+        components = tuple(load_corpus(n) for n, _ in parsed)
+        return Mixture(name, tuple(d for c in components for d in c.documents), components,
+                       tuple(w for _, w in parsed))
     if name == "pystdlib":
         return Corpus(name, tuple(_read(p) for p in pystdlib_files()))
     if name == "pydocs":

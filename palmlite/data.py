@@ -206,22 +206,30 @@ class Batches:
         """Flat token offsets of the windows of ``step``'s batch (or of its ``rows``): each a
         multiple of seq_len (RETRO's neighbours are looked up by window: ``palmlite.retrieval``)."""
         g = step * self.batch_size + np.arange(self.batch_size)[rows]  # global window indices
-        epochs, pos = np.divmod(g, self.n_windows)
+        return self.starts_of(g)
+
+    def starts_of(self, g: np.ndarray) -> np.ndarray:
+        """Flat token offsets of the g-th windows served (g counts from 0 over the epochs)."""
+        epochs, pos = np.divmod(np.asarray(g, np.int64), self.n_windows)
         return np.array([self._permutation(e)[p] for e, p in zip(epochs, pos)],
                         dtype=np.int64).reshape(-1) * self.seq_len
 
     def get(self, step: int, rows: slice = slice(None)) -> np.ndarray:
         """The batch for ``step``: int32 [batch_size, seq_len + 1], or only its ``rows``
         (what one host of several reads: ``sharding.place_batch``)."""
-        g = step * self.batch_size + np.arange(self.batch_size)[rows]  # global window indices
-        epochs = g // self.n_windows
-        if epochs[-1] >= 1 and not self._warned:
+        return self.read(step * self.batch_size + np.arange(self.batch_size)[rows])
+
+    def read(self, g: np.ndarray) -> np.ndarray:
+        """The g-th windows served, int32 [len(g), seq_len + 1] (a mixture's domains each
+        serve their own count: ``palmlite.mixture``)."""
+        g = np.asarray(g, np.int64)
+        if len(g) and g.max() >= self.n_windows and not self._warned:
             self._warned = True
             warnings.warn(f"training has gone past one epoch of {self.dataset.corpus.name!r} "
                           f"({self.dataset.split}: {len(self.dataset):,} tokens): data now "
                           "repeats. PaLM trained exactly one epoch; repeated data changes "
-                          "scaling results.", RuntimeWarning, stacklevel=2)
-        starts = self.window_starts(step, rows)
+                          "scaling results.", RuntimeWarning, stacklevel=3)
+        starts = self.starts_of(g)
         self.tokens_served += len(g) * self.seq_len
         return np.asarray(self.dataset.tokens[starts[:, None] + np.arange(self.seq_len + 1)],
                           dtype=np.int32)

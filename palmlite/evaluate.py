@@ -14,9 +14,9 @@ from palmlite.losses import cross_entropy_and_z_loss
 
 @nnx.jit
 def _summed_loss(model, batch):
-    tokens_BxT1, neighbours = (batch["tokens"], batch["neighbours"]) if isinstance(batch, dict) \
-        else (batch, None)
-    logits_BxTxV = model(tokens_BxT1[:, :-1], neighbours=neighbours)
+    tokens_BxT1, inputs = (batch["tokens"], {k: v for k, v in batch.items() if k != "tokens"}) \
+        if isinstance(batch, dict) else (batch, {})
+    logits_BxTxV = model(tokens_BxT1[:, :-1], **inputs)
     ce, _ = cross_entropy_and_z_loss(logits_BxTxV, tokens_BxT1[:, 1:])
     return ce * tokens_BxT1[:, 1:].size
 
@@ -45,6 +45,23 @@ def evaluate(model, dataset, seq_len: int, batch_size: int = 8,
     loss = total / (n_full * seq_len)
     return dict(loss=loss, perplexity=math.exp(min(loss, 700.0)),
                 bits_per_byte=dataset.bits_per_byte(loss), tokens=n_full * seq_len)
+
+
+def evaluate_domains(model, dataset, seq_len: int, batch_size: int = 8,
+                     max_batches: int | None = None, put=None) -> dict:
+    """A mixture's validation (``palmlite.mixture.MixtureDataset``): each domain's loss and
+    bits per byte on its own windows (the model told the domain), and the mixture's as the
+    weighted sums Σ w_d L_d and Σ w_d L_d / ln 2 / Σ w_d bytes-per-token_d."""
+    from palmlite.mixture import domain_windows
+    n_max = None if max_batches is None else max_batches * batch_size
+    by_domain = {name: evaluate(model, part, seq_len, batch_size, max_batches, put=put,
+                                windows=windows)
+                 for name, part, windows in zip(dataset.names, dataset.domains,
+                                                domain_windows(dataset, seq_len, n_max))}
+    loss = dataset.weighted({n: ev["loss"] for n, ev in by_domain.items()})
+    return dict(val_loss=loss, val_bits_per_byte=dataset.bits_per_byte(loss),
+                val_loss_by_domain={n: ev["loss"] for n, ev in by_domain.items()},
+                val_bits_per_byte_by_domain={n: ev["bits_per_byte"] for n, ev in by_domain.items()})
 
 
 # ---- RETRO §2.6: how much of retrieval's gain is copying ----------------------------------

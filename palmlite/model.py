@@ -47,19 +47,23 @@ class Block(nnx.Module):
         # RETRO §2.4: chunked cross-attention to the retrieved neighbours in some layers.
         self.cca = retro.ChunkedCrossAttention(cfg, rngs=rngs) if cfg.is_cca_layer(i) else None
 
-    def ffn(self, h_BxTxD) -> tuple[jax.Array, MoEStats | None]:
-        """The FFN's output, and its routing statistics if it is a mixture of experts."""
-        return self.mlp(h_BxTxD) if isinstance(self.mlp, MoE) else (self.mlp(h_BxTxD), None)
+    def ffn(self, h_BxTxD, domains_B=None) -> tuple[jax.Array, MoEStats | None]:
+        """The FFN's output, and its routing statistics if it is a mixture of experts (whose
+        router may read each sequence's domain: ``MoEConfig.routing``)."""
+        if isinstance(self.mlp, MoE):
+            return self.mlp(h_BxTxD, domains_B)
+        return self.mlp(h_BxTxD), None
 
     def reads_neighbours(self, retrieved: retro.Retrieved | None) -> bool:
         return self.cca is not None and retrieved is not None
 
     def __call__(self, x_BxTxD, pos_BxT, bias_BxNxTxS, cache: LayerCache | None,
-                 mask_Bx1xTxS: jax.Array | None = None, retrieved: retro.Retrieved | None = None):
+                 mask_Bx1xTxS: jax.Array | None = None, retrieved: retro.Retrieved | None = None,
+                 domains_B: jax.Array | None = None):
         if self.parallel:  # PaLM §2: y = x + Attn(LN(x)) + MLP(LN(x)); ~15% faster at scale
             h_BxTxD = self.attn_norm(x_BxTxD)
             a_BxTxD, cache = self.attn(h_BxTxD, pos_BxT, bias_BxNxTxS, cache, mask_Bx1xTxS)
-            f_BxTxD, stats = self.ffn(h_BxTxD)
+            f_BxTxD, stats = self.ffn(h_BxTxD, domains_B)
             y_BxTxD = x_BxTxD + a_BxTxD + f_BxTxD
             if self.reads_neighbours(retrieved):  # RETRO: a third parallel branch, + CCA(x)
                 y_BxTxD = y_BxTxD + self.cca(x_BxTxD, retrieved)
@@ -70,7 +74,7 @@ class Block(nnx.Module):
         x_BxTxD = x_BxTxD + a_BxTxD
         if self.reads_neighbours(retrieved):  # RETRO's block: attention, CCA, FFN (§2.4)
             x_BxTxD = x_BxTxD + self.cca(x_BxTxD, retrieved)
-        f_BxTxD, stats = self.ffn(self.mlp_norm(x_BxTxD))
+        f_BxTxD, stats = self.ffn(self.mlp_norm(x_BxTxD), domains_B)
         return x_BxTxD + f_BxTxD, cache, stats
 
 
@@ -107,22 +111,26 @@ class Transformer(nnx.Module):
         self.first_cca = next((i for i in range(cfg.n_layers) if cfg.is_cca_layer(i)), None)
 
     def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
-                 cache: KVCache | None = None, neighbours=None
+                 cache: KVCache | None = None, neighbours=None, domains=None
                  ) -> jax.Array | tuple[jax.Array, KVCache]:
-        logits_BxTxV, cache, _ = self.forward(tokens_BxT, positions_BxT, cache, neighbours)
+        logits_BxTxV, cache, _ = self.forward(tokens_BxT, positions_BxT, cache, neighbours,
+                                              domains)
         return logits_BxTxV if cache is None else (logits_BxTxV, cache)
 
     def forward(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
-                cache: KVCache | None = None, neighbours=None
+                cache: KVCache | None = None, neighbours=None, domains=None
                 ) -> tuple[jax.Array, KVCache | None, list[MoEStats]]:
         """``__call__``'s work, plus the statistics of each MoE layer (``moe.moe_stats``).
+
+        ``domains``: each sequence's domain id, int32 [B] (a ``mix:`` corpus's batches carry
+        them), read only by an MoE whose router sees the domain (``MoEConfig.routing``).
 
         RETRO (``cfg.retro``): ``neighbours`` are the token ids B x C x J x R retrieved for
         each of the C = T / chunk_size chunks (``palmlite.retrieval``); None turns retrieval
         off, which leaves exactly the base decoder. Decoding with a ``RetroCache`` in the
         cache takes a ``retro.NewNeighbours`` instead (``generate.retro_generate_tokens``).
         """
-        x_BxTxD, cache, stats = self.trunk(tokens_BxT, positions_BxT, cache, neighbours)
+        x_BxTxD, cache, stats = self.trunk(tokens_BxT, positions_BxT, cache, neighbours, domains)
         return self.unembed(x_BxTxD), cache, stats
 
     def hidden_states(self, tokens_BxT: jax.Array) -> jax.Array:
@@ -132,7 +140,7 @@ class Transformer(nnx.Module):
         return self.final_norm(x_BxTxD).astype(jnp.float32)
 
     def trunk(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
-              cache: KVCache | None = None, neighbours=None
+              cache: KVCache | None = None, neighbours=None, domains=None
               ) -> tuple[jax.Array, KVCache | None, list[MoEStats]]:
         """Embeddings and blocks: the residual stream before the final norm."""
         cfg, T = self.cfg, tokens_BxT.shape[1]
@@ -176,7 +184,7 @@ class Transformer(nnx.Module):
                     None if cache is None else cache.length, rcache)
             x_BxTxD, layers[i], layer_stats = run_block(block, x_BxTxD, positions_BxT,
                                                         bias_BxNxTxS, layers[i], mask_Bx1xTxS,
-                                                        retrieved)
+                                                        retrieved, domains)
             stats += [layer_stats] if layer_stats is not None else []
         if cache is None:
             return x_BxTxD, None, stats

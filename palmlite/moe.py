@@ -1,7 +1,9 @@
 """GLaM's mixture-of-experts FFN: router -> top-k -> dispatch -> E expert FFNs -> combine.
 
 Shapes: B sequences of T tokens, N = B·T, D d_model, F d_ff, E experts, K top_k, C capacity,
-M = N·K routed token-slots, P groups. Three dispatches compute the same function:
+M = N·K routed token-slots, P groups, Z domains. What the router reads is a toggle
+(``MoEConfig.routing``): each token (Switch, GLaM), the sequence's domain (Task-MoE), or
+nothing (a fixed domain -> experts map). Three dispatches compute the same function:
 
 - ``capacity_factor`` set: GShard's einsum. In each sequence (a GShard group) each expert
   has C slots; slots go to all first choices before any second choice (GShard §2.2), and
@@ -38,6 +40,7 @@ class Routing(NamedTuple):
     aux_loss: jax.Array  # Switch §2.2 load balance E·Σ f_i P_i (1 when balanced), unscaled
     router_z_loss: jax.Array  # ST-MoE: mean (log Σ exp logits)², unscaled
     load_E: jax.Array  # f_i: fraction of the M token-slots routed to expert i
+    entropy: jax.Array  # mean entropy of the router's distribution over experts, in nats
 
 
 class MoEStats(NamedTuple):
@@ -45,19 +48,38 @@ class MoEStats(NamedTuple):
     router_z_loss: jax.Array
     load_E: jax.Array
     dropped_fraction: jax.Array  # token-slots over capacity (0 when dropless)
+    router_entropy: jax.Array  # nats; log E when the router is undecided, 0 when certain
+    experts_BxTxK: jax.Array  # each token's chosen experts (routing analysis reads them)
 
 
-def route(logits_NxE: jax.Array, top_k: int) -> Routing:
-    """Top-k routing on float32 logits (Switch §2.4: bf16 routers are unstable)."""
+def route(logits_NxE: jax.Array, top_k: int, n_groups: int = 1) -> Routing:
+    """Top-k routing on float32 logits (Switch §2.4: bf16 routers are unstable).
+
+    The load-balancing loss is Switch's E·Σ f_i P_i within each of ``n_groups`` equal runs
+    of tokens (1: the whole call; B: each sequence, ``MoEConfig.balance_scope``), averaged."""
     E = logits_NxE.shape[-1]
     probs_NxE = jax.nn.softmax(logits_NxE, axis=-1)
     gates_NxK, experts_NxK = jax.lax.top_k(probs_NxE, top_k)
     if top_k > 1:  # GLaM/GShard: renormalise over the chosen experts. Top-1 keeps p_i
         gates_NxK = gates_NxK / gates_NxK.sum(-1, keepdims=True)  # (Switch §2.1), else 1
-    load_E = jax.nn.one_hot(experts_NxK, E).sum((0, 1)) / experts_NxK.size
-    aux_loss = E * jnp.sum(load_E * probs_NxE.mean(0))  # gradient flows through P_i only
+    chosen_NxE = jax.nn.one_hot(experts_NxK, E).sum(1) / top_k
+    load_GxE = chosen_NxE.reshape(n_groups, -1, E).mean(1)
+    mean_probs_GxE = probs_NxE.reshape(n_groups, -1, E).mean(1)
+    aux_loss = E * jnp.mean(jnp.sum(load_GxE * mean_probs_GxE, -1))  # gradient through P_i only
     router_z_loss = jnp.mean(jax.nn.logsumexp(logits_NxE, axis=-1) ** 2)
-    return Routing(gates_NxK, experts_NxK.astype(jnp.int32), aux_loss, router_z_loss, load_E)
+    entropy = -jnp.mean(jnp.sum(probs_NxE * jax.nn.log_softmax(logits_NxE, axis=-1), -1))
+    return Routing(gates_NxK, experts_NxK.astype(jnp.int32), aux_loss, router_z_loss,
+                   load_GxE.mean(0), entropy)
+
+
+def fixed_route(domains_N: jax.Array, top_k: int, n_experts: int) -> Routing:
+    """No router: domain d's tokens go to experts d·K .. d·K + K - 1, each gate 1/K. The
+    balance "loss" reports E·Σ f_i² (1 when balanced, like Switch's), with no gradient."""
+    experts_NxK = (domains_N[:, None] * top_k + jnp.arange(top_k)).astype(jnp.int32)
+    gates_NxK = jnp.full(experts_NxK.shape, 1.0 / top_k, jnp.float32)
+    load_E = jax.nn.one_hot(experts_NxK, n_experts).sum((0, 1)) / experts_NxK.size
+    zero = jnp.zeros((), jnp.float32)
+    return Routing(gates_NxK, experts_NxK, n_experts * jnp.sum(load_E ** 2), zero, load_E, zero)
 
 
 def capacity(n_tokens: int, top_k: int, n_experts: int, factor: float) -> int:
@@ -70,11 +92,16 @@ class MoE(nnx.Module):
         moe, D, F = cfg.moe, cfg.d_model, cfg.d_ff
         E, s = moe.n_experts, cfg.init_scale
         self.top_k, self.capacity_factor = moe.top_k, moe.capacity_factor
-        self.group_size = moe.group_size
+        self.group_size, self.n_experts = moe.group_size, E
+        self.routing, self.per_sequence = moe.routing, moe.balance_scope == "sequence"
         self.dtype = jnp.dtype(cfg.dtype)
         self.act = ACTIVATION_FNS[cfg.activation]
-        self.router_DxE = normal_param(rngs, cfg, (D, E), ("embed", "expert"),
-                                       s * moe.router_init_scale / math.sqrt(D))
+        # The router: token -> logits (Switch, GLaM), or domain -> logits (Task-MoE).
+        self.router_DxE = normal_param(rngs, cfg, (D, E), ("embed", "expert"), s *
+                                       moe.router_init_scale / math.sqrt(D)) \
+            if moe.routing == "token" else None
+        self.router_ZxE = normal_param(rngs, cfg, (moe.n_domains, E), (None, "expert"),
+                                       s * moe.router_init_scale) if moe.routing == "task" else None
         ffn = lambda shape, axes, std: normal_param(rngs, cfg, shape, axes, std)
         self.up_ExDxF = ffn((E, D, F), ("expert", "embed", "mlp"), s / math.sqrt(D))
         self.gate_ExDxF = ffn((E, D, F), ("expert", "embed", "mlp"),
@@ -83,10 +110,12 @@ class MoE(nnx.Module):
                               s / math.sqrt(F) / math.sqrt(2 * cfg.n_layers))
         self.shared = MLP(cfg, rngs=rngs) if moe.shared_expert else None
 
-    def __call__(self, x_BxTxD: jax.Array) -> tuple[jax.Array, MoEStats]:
+    def __call__(self, x_BxTxD: jax.Array, domains_B: jax.Array | None = None
+                 ) -> tuple[jax.Array, MoEStats]:
+        """``domains_B``: each sequence's domain id (a ``mix:`` corpus), which the "task" and
+        "fixed" routings read; the token router ignores it."""
         x_NxD = x_BxTxD.reshape(-1, x_BxTxD.shape[-1]).astype(self.dtype)
-        logits_NxE = jnp.dot(x_NxD.astype(jnp.float32), self.router_DxE[...].astype(jnp.float32))
-        r = route(logits_NxE, self.top_k)
+        r = self.route(x_NxD, domains_B, x_BxTxD.shape[0])
         if self.capacity_factor is None:
             y_NxD, dropped = self.dropless(x_NxD, r), jnp.zeros((), jnp.float32)
             y_BxTxD = y_NxD.reshape(x_BxTxD.shape)
@@ -97,7 +126,24 @@ class MoE(nnx.Module):
             y_BxTxD, dropped = self.einsum_dispatch(x_NxD.reshape(x_BxTxD.shape), r)
         if self.shared is not None:
             y_BxTxD = y_BxTxD + self.shared(x_BxTxD)
-        return y_BxTxD, MoEStats(r.aux_loss, r.router_z_loss, r.load_E, dropped)
+        experts_BxTxK = r.experts_NxK.reshape(*x_BxTxD.shape[:2], -1)
+        return y_BxTxD, MoEStats(r.aux_loss, r.router_z_loss, r.load_E, dropped, r.entropy,
+                                 experts_BxTxK)
+
+    def route(self, x_NxD: jax.Array, domains_B: jax.Array | None, B: int) -> Routing:
+        """Routing of the N = B·T tokens, by what ``MoEConfig.routing`` lets the router see."""
+        if self.routing == "token":
+            logits_NxE = jnp.dot(x_NxD.astype(jnp.float32),
+                                 self.router_DxE[...].astype(jnp.float32))
+            return route(logits_NxE, self.top_k, B if self.per_sequence else 1)
+        if domains_B is None:
+            raise ValueError(f"MoEConfig.routing={self.routing!r} routes by domain: pass each "
+                             "sequence's domain id (domains=, as a mix: corpus's batches carry)")
+        domains_N = jnp.repeat(jnp.asarray(domains_B, jnp.int32), x_NxD.shape[0] // B)
+        if self.routing == "fixed":
+            return fixed_route(domains_N, self.top_k, self.n_experts)
+        logits_NxE = self.router_ZxE[...].astype(jnp.float32)[domains_N]
+        return route(logits_NxE, self.top_k, B if self.per_sequence else 1)
 
     def expert_ffns(self, x: jax.Array, matmul) -> jax.Array:
         """Every expert's FFN on its own rows of ``x``, with the dense MLP's activation toggle.
@@ -117,7 +163,7 @@ class MoE(nnx.Module):
         Each sequence is a GShard group with its own capacity C: the one-hot einsums cost
         O(T·E·C·D) per sequence, so per token they grow with T, not with the whole batch.
         """
-        (B, T, _), (K, E) = x_BxTxD.shape, (self.top_k, self.router_DxE.shape[-1])
+        (B, T, _), (K, E) = x_BxTxD.shape, (self.top_k, self.n_experts)
         C = capacity(T, K, E, self.capacity_factor)
         experts_BxTxK = r.experts_NxK.reshape(B, T, K)
         chosen_BxKxTxE = jax.nn.one_hot(experts_BxTxK.transpose(0, 2, 1), E, dtype=jnp.int32)
@@ -149,7 +195,7 @@ class MoE(nnx.Module):
         from it: O(G·K·D) per group instead of the one-hot einsums' O(G·E·C·D).
         """
         N, D = x_NxD.shape
-        K, E = self.top_k, self.router_DxE.shape[-1]
+        K, E = self.top_k, self.n_experts
         G = min(self.group_size, N)
         if N % G:
             raise ValueError(f"MoEConfig.group_size={self.group_size} does not divide the "
@@ -181,7 +227,7 @@ class MoE(nnx.Module):
         On GPU/TPU ``ragged_dot`` is a grouped GEMM; XLA:CPU lowers it to a masked dense
         matmul over all E experts (E times the FLOPs), so on a CPU prefer the einsum path.
         """
-        K, E = self.top_k, self.router_DxE.shape[-1]
+        K, E = self.top_k, self.n_experts
         experts_M = r.experts_NxK.reshape(-1)
         order_M = jnp.argsort(experts_M, stable=True)
         token_M = order_M // K
@@ -201,4 +247,5 @@ def moe_stats(stats: list[MoEStats]) -> dict[str, jax.Array]:
                 router_z_loss=sum(s.router_z_loss for s in stats),
                 expert_load=sum(s.load_E for s in stats) / n,
                 expert_load_per_layer=jnp.stack([s.load_E for s in stats]),
-                dropped_fraction=sum(s.dropped_fraction for s in stats) / n)
+                dropped_fraction=sum(s.dropped_fraction for s in stats) / n,
+                router_entropy=sum(s.router_entropy for s in stats) / n)
