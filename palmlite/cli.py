@@ -73,8 +73,19 @@ def _generate(args) -> None:
 
 def _sweep(args) -> int:
     from palmlite.studies import run_study
+    from palmlite.studies.runner import merge_study
+    if args.merge:  # gathers every shard's rows: nothing to run, list or select
+        given = [flag for flag, on in (("--shard", args.shard is not None), ("--only", args.only),
+                                       ("--dry-run", args.dry_run)) if on]
+        if given:
+            raise ValueError(f"--merge gathers the rows of every shard and runs nothing: it "
+                             f"takes --part and --out, not {', '.join(given)}")
+        for path in merge_study(args.study, root=args.out, parts=args.part):
+            print(f"  figure {path}")
+        return 0
     return run_study(args.study, workers=args.workers, only=args.only, dry_run=args.dry_run,
-                     root=args.out, parts=args.part, reuse_kernel=not args.fresh_kernels)
+                     root=args.out, parts=args.part, reuse_kernel=not args.fresh_kernels,
+                     shard=args.shard)
 
 
 def _figures(args) -> None:
@@ -140,6 +151,12 @@ def _study_parsers(sub) -> None:
     w.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
                    help="run only the points whose parameter KEY equals VALUE")
     w.add_argument("--dry-run", action="store_true", help="list the points and what is done")
+    w.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only machine I's share of the points, I from 0 to N-1 (e.g. "
+                        "$SLURM_ARRAY_TASK_ID/8), each point's row in its own file; no figures")
+    w.add_argument("--merge", action="store_true",
+                   help="gather the rows the --shard runs wrote into the results file and "
+                        "draw the figures (also done by every unsharded sweep and `figures`)")
     w.add_argument("--out", default=".", metavar="DIR",
                    help="where results, executed notebooks and figures go: DIR/studies/results, "
                         "DIR/studies/runs, DIR/figures (default: the working directory)")

@@ -6,13 +6,16 @@ The notebook's ``record(...)`` writes its metrics to a file the runner names; th
 adds parameters, device, versions and duration and stores one line per point in
 ``studies/results/<study>.jsonl``. Completed points are skipped on a re-run; a failing
 point is recorded with its error and executed-notebook path, the others still run, and the
-sweep ends with a non-zero status.
+sweep ends with a non-zero status. With ``shard="I/N"`` it runs one machine's share of the
+points and stores each row in a file of its own, folded into the results file by
+``merge_study`` (``palmlite.studies.shards``).
 """
 
 from __future__ import annotations
 
 import atexit
 import concurrent.futures as futures
+import functools
 import json
 import multiprocessing
 import os
@@ -26,6 +29,8 @@ from pathlib import Path
 
 from palmlite.studies.figures import make_figures
 from palmlite.studies.results import read_results, write_result
+from palmlite.studies.shards import (best_rows, in_shard, merge_shards, parse_shard,
+                                     write_shard_row)
 from palmlite.studies.spec import Study, load_studies
 
 KERNEL_START_ERRORS = ("Kernel died before replying", "Address already in use", "ZMQError",
@@ -139,15 +144,37 @@ def _stop_worker_kernel() -> None:
 
 
 def run_study(spec: str | Path, *, workers: int = 1, only: list[str] = (), dry_run: bool = False,
-              root: str | Path = ".", parts: list[str] = (), reuse_kernel: bool = True) -> int:
+              root: str | Path = ".", parts: list[str] = (), reuse_kernel: bool = True,
+              shard: str | None = None) -> int:
     """Run the pending points of a study (each part in turn, or only the named ``parts``);
-    returns the failed count."""
+    returns the failed count. ``shard="I/N"`` (0-based) runs only machine I's share of
+    them, each row into its own file and no figures (a shard has only part of the points:
+    they are drawn by ``merge_study``); an unsharded run first merges what shards wrote."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r} is invalid: expected an integer >= 1")
+    shard = parse_shard(shard)
     studies = _select_parts(spec, parts)
     _check_only(studies, only)
-    return sum(_run_one(study, workers, only, dry_run, Path(root), reuse_kernel)
+    return sum(_run_one(study, workers, only, dry_run, Path(root), reuse_kernel, shard)
                for study in studies)
+
+
+def merge_study(spec: str | Path, root: str | Path = ".", parts: list[str] = ()) -> list[Path]:
+    """Fold the rows that ``--shard`` sweeps wrote into each part's results file
+    (``shards.merge_shards``: one row per point), then draw its figures; returns them."""
+    written = []
+    for study in _select_parts(spec, parts):
+        results_path = _results_path(Path(root), study)
+        changed = merge_shards(study, results_path)
+        print(f"study {study.name}: {changed} row(s) merged from {results_path.stem}.shards/")
+        if results_path.exists():
+            written += make_figures(study, _current_rows(study, results_path),
+                                    Path(root) / "figures")
+    return written
+
+
+def _results_path(root: Path, study: Study) -> Path:
+    return root / "studies" / "results" / f"{study.name}.jsonl"
 
 
 def _select_parts(spec: str | Path, parts: list[str]) -> list[Study]:
@@ -162,10 +189,11 @@ def _select_parts(spec: str | Path, parts: list[str]) -> list[Study]:
 
 def draw_figures(spec: str | Path, root: str | Path = ".", parts: list[str] = ()) -> list[Path]:
     """Regenerate a study's figures (or its named ``parts``') from its results files alone
-    (no training)."""
+    (no training), after merging the rows that ``--shard`` sweeps wrote."""
     written = []
     for study in _select_parts(spec, parts):
-        results_path = Path(root) / "studies" / "results" / f"{study.name}.jsonl"
+        results_path = _results_path(Path(root), study)
+        merge_shards(study, results_path)  # points that shards ran are drawn too
         if not results_path.exists():
             raise FileNotFoundError(f"no results for study {study.name!r}: {str(results_path)!r} "
                                     f"is missing (run `palmlite sweep {spec}` first)")
@@ -174,17 +202,38 @@ def draw_figures(spec: str | Path, root: str | Path = ".", parts: list[str] = ()
 
 
 def _run_one(study: Study, workers: int, only: list[str], dry_run: bool, root: Path,
-             reuse_kernel: bool = True) -> int:
-    results_path = root / "studies" / "results" / f"{study.name}.jsonl"
+             reuse_kernel: bool = True, shard: tuple[int, int] | None = None) -> int:
+    results_path = _results_path(root, study)
     runs_dir = root / "studies" / "runs" / study.name
-    rows = {r["point"]: r for r in read_results(results_path)}
+    if shard is None and not dry_run:
+        merge_shards(study, results_path)  # what shards finished is done, and drawn
+    rows = best_rows(study, results_path)
     points = [p for p in study.points() if _matches(p, only)]
-    pending = [p for p in points if not study.is_done(rows.get(study.key(p), {}), p)]
-    print(f"study {study.name}: {len(points)} points, {len(points) - len(pending)} done, "
+    mine = [p for p in points if in_shard(study.key(p), shard)]
+    pending = [p for p in mine if not study.is_done(rows.get(study.key(p), {}), p)]
+    share = "" if shard is None else f", shard {shard[0]}/{shard[1]}: {len(mine)} of them"
+    print(f"study {study.name}: {len(points)} points{share}, {len(mine) - len(pending)} done, "
           f"{len(pending)} to run with {workers} worker(s)")
     if dry_run:
-        _list_points(study, points, rows)
+        _list_points(study, mine, rows)
         return 0
+    store = functools.partial(write_result if shard is None else write_shard_row, results_path)
+    failed = _run_points(study, pending, workers, reuse_kernel, runs_dir, store)
+    if shard is None:
+        for path in make_figures(study, _current_rows(study, results_path), root / "figures"):
+            print(f"  figure {path}")
+    else:
+        print(f"study {study.name}: shard {shard[0]}/{shard[1]} finished; when every shard has, "
+              f"`palmlite sweep {study.path} --merge` gathers the results and draws the figures")
+    if failed:
+        print(f"study {study.name}: {failed} point(s) failed; see their notebooks in {runs_dir}")
+    return failed
+
+
+def _run_points(study: Study, pending: list[dict], workers: int, reuse_kernel: bool,
+                runs_dir: Path, store) -> int:
+    """Run the points, at most ``workers`` at once, handing each finished point's row to
+    ``store`` as it comes; returns the failed count."""
     runs_dir.mkdir(parents=True, exist_ok=True)
     env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"} if workers > 1 else {}
     failed = 0
@@ -209,15 +258,11 @@ def _run_one(study: Study, workers: int, only: list[str], dry_run: bool, root: P
             except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
                 failed += 1
                 row.update(status="failed", duration_s=None, error=f"{type(e).__name__}: {e}"[:2000])
-            write_result(results_path, row)
+            store(row)
             bar.write(_point_text(row))
             bar.update(1)
             bar.set_postfix(running=min(workers, bar.total - bar.n), failed=failed)
         bar.close()
-    for path in make_figures(study, _current_rows(study, results_path), root / "figures"):
-        print(f"  figure {path}")
-    if failed:
-        print(f"study {study.name}: {failed} point(s) failed; see their notebooks in {runs_dir}")
     return failed
 
 
