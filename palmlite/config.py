@@ -347,6 +347,16 @@ def _replace(cfg, changes: dict[str, Any]):
 
 
 MIX_PREFIX = "mix:"  # TrainConfig.corpus: a mixture of corpora, one domain each
+# Named mixtures (a name is easier to pass around than a spec full of '=' and ','):
+# notebook 11's code + prose + arithmetic, the arithmetic large enough not to repeat.
+MIXTURES = {"code-prose-arithmetic":
+            "mix:pystdlib=0.5,pydocs=0.25,(arithmetic:n=100000,lines=8)=0.25"}
+
+
+def mixture_spec(corpus: str) -> str | None:
+    """The "mix:..." spec of a corpus name (itself, or a named mixture's); None if it is
+    not a mixture."""
+    return MIXTURES.get(corpus, corpus if corpus.startswith(MIX_PREFIX) else None)
 
 
 def parse_mixture(spec: str) -> list[tuple[str, float]]:
@@ -455,8 +465,8 @@ class TrainConfig:
             req(0 <= getattr(self, name) < 1, name, "a number in [0, 1)")
         req(0 < self.val_fraction < 1, "val_fraction", "a number in (0, 1)")
         req(0 < self.retrieval_db_fraction <= 1, "retrieval_db_fraction", "a number in (0, 1]")
-        if self.corpus.startswith(MIX_PREFIX):
-            parse_mixture(self.corpus)  # raises, naming the field, before any data is read
+        if self.is_mixture:
+            parse_mixture(mixture_spec(self.corpus))  # raises, naming the field, before any data
         req(self.retrofit is None or self.retrofit != "", "retrofit", "None or a run directory")
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
                               ("precision", PRECISIONS)):
@@ -518,12 +528,12 @@ class TrainConfig:
     @property
     def is_mixture(self) -> bool:
         """Whether ``corpus`` is a mixture (batches then carry each row's domain id)."""
-        return self.corpus.startswith(MIX_PREFIX)
+        return mixture_spec(self.corpus) is not None
 
     def check_domains(self, model: ModelConfig) -> None:
         """A router that reads the domain needs a mixture of as many domains as it knows."""
         moe = model.moe
-        n = len(parse_mixture(self.corpus)) if self.is_mixture else None
+        n = len(parse_mixture(mixture_spec(self.corpus))) if self.is_mixture else None
         if moe is not None and moe.routing != "token" and moe.n_domains != n:
             want = f"its number of domains, {n}" if n else \
                 "a 'mix:' corpus (its batches carry each row's domain)"

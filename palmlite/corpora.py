@@ -15,7 +15,7 @@ fingerprint that every dataset and run records. Names:
 - ``"mix:pystdlib=0.4,pydocs=0.3,arithmetic=0.3"``: a ``Mixture`` of named corpora with
   sampling weights (normalised to sum to 1); each is a domain, numbered in order. A component
   with commas in its own options goes in parentheses: ``mix:pydocs=1,(arithmetic:n=500,
-  lines=4)=1``.
+  lines=4)=1``. ``MIXTURES`` names a few (``"code-prose-arithmetic"``).
 - anything else: a local file, directory or glob of UTF-8 text files.
 """
 
@@ -33,7 +33,7 @@ import urllib.request
 from pathlib import Path
 
 from palmlite import arithmetic
-from palmlite.config import MIX_PREFIX, parse_mixture
+from palmlite.config import MIXTURES, mixture_spec, parse_mixture
 from palmlite.files import atomic_path, cache_dir, sha256_file
 
 OFFLINE = ("pystdlib", "pydocs", "arithmetic")
@@ -116,8 +116,8 @@ class Mixture(Corpus):
 def load_corpus(name_or_path: str | os.PathLike = "pystdlib", **options) -> Corpus:
     """A corpus by name (see the module docstring) or from local text files."""
     name = str(name_or_path)
-    if name.startswith(MIX_PREFIX):
-        parsed = parse_mixture(name)
+    if (spec := mixture_spec(name)) is not None:
+        parsed = parse_mixture(spec)
         components = tuple(load_corpus(n) for n, _ in parsed)
         return Mixture(name, tuple(d for c in components for d in c.documents), components,
                        tuple(w for _, w in parsed))
@@ -212,7 +212,7 @@ def _load_local(pattern: str) -> Corpus:
     if not files:
         raise FileNotFoundError(
             f"no corpus named {pattern!r} and no such file, directory or glob: {str(path)!r}. "
-            f"Named corpora: {', '.join(OFFLINE + tuple(DOWNLOADS) + tuple(HF_ALIASES))}")
+            f"Named corpora: {', '.join(OFFLINE + tuple(DOWNLOADS) + tuple(HF_ALIASES) + tuple(MIXTURES))}")
     return Corpus(str(pattern), tuple(_read(p) for p in files))
 
 

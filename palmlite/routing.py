@@ -24,8 +24,24 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from palmlite.config import ModelConfig, MoEConfig
 from palmlite.evaluate import evaluate_domains
 from palmlite.mixture import MixtureDataset, domain_windows
+from palmlite.presets import dense_twin
+
+# Notebook 11's four models of one mixture, at equal active FLOPs per token.
+ARCHS = {"dense": "dense twin", "token": "token-routed MoE (Switch, GLaM)",
+         "task": "task-routed MoE (Task-MoE)", "fixed": "fixed domain -> expert map"}
+
+
+def arch_configs(base: ModelConfig, moe: MoEConfig, n_domains: int) -> dict[str, ModelConfig]:
+    """{arch: config} for ``ARCHS``: ``base`` with ``moe`` routed by token, by task and by a
+    fixed map (``n_domains`` known to the last two), and the dense twin of the token-routed
+    one (``presets.dense_twin``): every model spends the same FLOPs per token in its FFNs."""
+    routed = {arch: base.replace(moe=moe.replace(
+        routing=arch, n_domains=None if arch == "token" else n_domains))
+        for arch in ("token", "task", "fixed")}
+    return {"dense": dense_twin(routed["token"]), **routed}
 
 
 @nnx.jit
@@ -37,13 +53,14 @@ def _chosen_experts(model, tokens_BxT, domains_B):
 
 def routed_experts(model, windows: dict, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """(token ids [N, T], chosen experts [L, N, T, K]) of the windows {"tokens": [N, T+1],
-    "domains": [N]}, every whole batch of them."""
+    "domains": [N]}, every whole batch of them (a batch: at most all the windows)."""
     if model.cfg.moe is None:
         raise ValueError("routing analysis needs a mixture of experts: ModelConfig.moe is None")
     tokens, domains = windows["tokens"], windows["domains"]
+    if len(tokens) == 0:
+        raise ValueError("no windows to route: the validation split is shorter than seq_len")
+    batch_size = min(batch_size, len(tokens))
     n = len(tokens) // batch_size * batch_size
-    if n == 0:
-        raise ValueError(f"{len(tokens)} windows are fewer than batch_size={batch_size}")
     chosen = [np.asarray(_chosen_experts(model, jnp.asarray(tokens[i:i + batch_size, :-1]),
                                          jnp.asarray(domains[i:i + batch_size])))
               for i in range(0, n, batch_size)]
@@ -129,3 +146,15 @@ def knock_out_losses(model, dataset: MixtureDataset, seq_len: int, batch_size: i
                        for e in range(model.cfg.moe.n_experts)]
                       for layer in moe_layers(model)])
     return dict(base=base, delta=delta)
+
+
+def analysis(model, dataset: MixtureDataset, seq_len: int, batch_size: int = 8,
+             max_windows: int | None = 64) -> dict:
+    """What notebook 11 records per model: the domains, their weights, and for an MoE its
+    expert use (Z x L x E, as lists) and I(domain; expert) per MoE layer."""
+    out = dict(domains=list(dataset.names), weights=dataset.weights.tolist())
+    if model.cfg.moe is not None:
+        use = expert_use(model, dataset, seq_len, batch_size, max_windows)
+        out.update(expert_use=use.tolist(),
+                   specialisation=specialisation(use, dataset.weights).tolist())
+    return out

@@ -190,3 +190,26 @@ def test_an_ablation_with_one_setting_says_so_instead_of_calling_it_baseline():
     FIGURES["ablation"](rows, fig, ["block", "lr", "seed"])
     texts = [t.get_text() for ax in fig.axes for t in ax.texts]
     assert any("Only one setting has results so far (block=serial)" in t for t in texts)
+
+
+def test_pathways_compares_each_domain_with_the_dense_twin_seed_by_seed():
+    """Notebook 11's figure: per-domain bits/byte of each MoE minus the dense twin, paired
+    by seed, in the title; expert use and I(domain; expert) from the rows."""
+    names = ["pystdlib", "pydocs"]
+    use = {"token": [[[0.5, 0.5]], [[0.5, 0.5]]], "fixed": [[[1.0, 0.0]], [[0.0, 1.0]]]}
+    rows = []
+    for arch, shift in (("dense", 0.0), ("token", -0.05), ("fixed", 0.1)):
+        for seed in (0, 1, 2):
+            bpb = {n: 2.0 + i + shift + 0.01 * seed * (arch == "fixed") for i, n in enumerate(names)}
+            run = dict(arch=arch, seed=seed, domains=names, val_bits_per_byte_by_domain=bpb)
+            if arch != "dense":
+                run.update(expert_use=use[arch], specialisation=[1.0 if arch == "fixed" else 0.0])
+            rows.append(dict(metrics=dict(runs=[run])))
+    fig = plt.figure()
+    FIGURES["pathways"](rows, fig, ["arch", "seed"])
+    title = fig._suptitle.get_text()
+    expected = compare.difference({s: 2.0 + 0.1 + 0.01 * s for s in range(3)}, {s: 2.0 for s in range(3)})
+    assert f"pydocs {expected.text('bits/byte')}".split(" [")[0] in title
+    assert "token-routed MoE (Switch, GLaM) − dense: pystdlib -0.050 bits/byte" in title
+    assert "task-routed" not in title  # no such runs: no bars, no line
+    plt.close(fig)

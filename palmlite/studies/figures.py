@@ -18,6 +18,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from palmlite.studies import compare
+from palmlite.studies.pathways_figures import pathways
 from palmlite.studies.retro_figures import retro
 from palmlite.studies.scaling_figures import isoflop, scaling
 
@@ -342,7 +343,7 @@ def _expert_verdict(finals: dict[int, dict], speedups: dict[int, float]) -> str:
 
 FIGURES = {"ablation": ablation, "loss_curves": loss_curves, "moe_vs_dense": moe_vs_dense,
            "expert_sweep": expert_sweep,
-           "scaling": scaling, "isoflop": isoflop, "retro": retro}
+           "scaling": scaling, "isoflop": isoflop, "retro": retro, "pathways": pathways}
 
 
 def caption(rows: list[dict]) -> str:
