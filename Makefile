@@ -28,14 +28,17 @@ study: $(STAMP)
 	$(VENV)/bin/palmlite sweep studies/quick.yaml --workers 2 --out $(OUT)
 
 # The resolving versions (IsoFLOP over 4 budgets, experts E = 1..16, the GLaM pair,
-# ablations at 3 learning rates, 3 seeds): under three hours on 2 cores; resumable.
+# ablations at 3 learning rates, 3 seeds): under three hours on 2 cores; resumable. Then
+# Pathways' one model on three domains (notebook 11, 4 models x 3 seeds).
 study-full: $(STAMP)
 	$(VENV)/bin/palmlite sweep studies/full.yaml --workers 2 --out $(OUT)
+	$(VENV)/bin/palmlite sweep studies/pathways.yaml --workers 2 --out $(OUT)
 
 # Redraw the reference figures/ from the committed studies/results (no training).
 figures: $(STAMP)
 	$(VENV)/bin/palmlite figures studies/quick.yaml
 	$(VENV)/bin/palmlite figures studies/full.yaml
+	$(VENV)/bin/palmlite figures studies/pathways.yaml
 
 # The notebooks executed with their default parameters into gallery/notebooks (committed,
 # outputs included; notebooks/ stays output-free) and rendered to gallery/site/index.html.

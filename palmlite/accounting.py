@@ -25,6 +25,7 @@ PEAK_FLOPS = {
     "nvidia h100": 989e12,  # SXM; the PCIe card is lower (756e12)
     "nvidia h200": 989e12,
 }
+DEVICES_PER_CHIP = {"tpu v2": 2, "tpu v3": 2}  # JAX devices (TensorCores) per chip
 
 
 def attention_params(cfg: ModelConfig) -> int:
@@ -159,9 +160,58 @@ def retro_flops_per_token(cfg: ModelConfig) -> float:
     return J * R / M * per_encoder_token + per_chunk_token + cca_attention
 
 
+def remat_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    """The forward work ``cfg.remat`` recomputes in the backward pass, per token: what
+    hardware FLOPs (HFU) add to model FLOPs (MFU; PaLM §4.1 and Appendix B).
+
+    "dots" keeps every weight matmul's output and recomputes the attention products q·k and
+    p·v (batched matmuls, which its policy does not save): 4·L·H·Q·T. "full" recomputes
+    each block's forward: 2 FLOPs per active block weight plus those products, except each
+    branch's last matmul (attention's output projection, the FFN's down projection), whose
+    output the backward pass never reads, so XLA drops it. The textbook "6N becomes 8N"
+    (HFU = 8/6 MFU) counts those too. The embedding, final norm and output layer are outside
+    the blocks and never recomputed, and RETRO's encoder is not rematerialised."""
+    if cfg.remat == "none":
+        return 0.0
+    T = cfg.max_seq_len if seq_len is None else seq_len
+    attention_forward = 4.0 * cfg.n_layers * cfg.n_heads * cfg.head_size * T
+    if cfg.remat == "dots":
+        return attention_forward
+    retro = retro_params(cfg)
+    blocks = count_params(cfg, active=True) - embedding_params(cfg) - norm_params(cfg) - \
+        retro["encoder"]
+    return 2.0 * (blocks - _branch_outputs(cfg)) + attention_forward
+
+
+def _branch_outputs(cfg: ModelConfig) -> int:
+    """Active weights of every block's last matmul per branch: attention's output projection
+    and the down projection of the FFN (or of a token's top_k experts and a shared one)."""
+    D, F, bias = cfg.d_model, cfg.d_ff, cfg.use_bias
+    attention_out = cfg.n_heads * cfg.head_size * D + (D if bias else 0)
+    mlp_down = F * D + (D if bias else 0)
+    total = 0
+    for i in range(cfg.n_layers):
+        moe = cfg.moe if cfg.is_moe_layer(i) else None
+        ffn_down = mlp_down if moe is None else \
+            moe.top_k * F * D + (mlp_down if moe.shared_expert else 0)  # experts: no biases
+        total += attention_out + ffn_down
+    return total
+
+
+def hardware_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    """Model FLOPs plus the rematerialisation's recomputation: what the chips execute."""
+    return flops_per_token(cfg, seq_len) + remat_flops_per_token(cfg, seq_len)
+
+
 def mfu(tokens_per_second: float, cfg: ModelConfig, seq_len: int, peak_flops: float) -> float:
     """Model FLOPs utilisation: achieved model FLOP/s over the hardware's peak FLOP/s."""
     return tokens_per_second * flops_per_token(cfg, seq_len) / peak_flops
+
+
+def hfu(tokens_per_second: float, cfg: ModelConfig, seq_len: int, peak_flops: float) -> float:
+    """Hardware FLOPs utilisation: the same with the recomputed FLOPs counted (PaLM reports
+    57.8% HFU beside 46.2% MFU for 540B)."""
+    return tokens_per_second * hardware_flops_per_token(cfg, seq_len) / peak_flops
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str | None = None) -> int:
@@ -171,9 +221,39 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str | None = None) -> int:
 
 
 def device_peak_flops(device_kind: str) -> float | None:
-    """Peak bf16 FLOP/s of one device from its ``jax.Device.device_kind``; None if unknown."""
+    """Peak bf16 FLOP/s of one JAX device from its ``device_kind``; None if unknown. A TPU v2
+    or v3 chip is two JAX devices (one per TensorCore), so each gets half the chip's peak;
+    from v4 on, a chip's cores are one device (megacore) and v5e/v6e have one core."""
     kind = device_kind.lower()
     for name in sorted(PEAK_FLOPS, key=len, reverse=True):
         if kind.startswith(name):
-            return PEAK_FLOPS[name]
+            return PEAK_FLOPS[name] / DEVICES_PER_CHIP.get(name, 1)
     return None
+
+
+def step_communication(cfg: ModelConfig, tokens_per_step: int, pods: int, data: int, model: int,
+                       bytes_per_value: int = 2) -> dict[str, float]:
+    """Bytes each chip sends per training step over each mesh axis, for PaLM's layout
+    (§4): ``pods`` slices joined by data parallelism over the slower data-centre network,
+    and inside each slice ``data``-way fully sharded data parallelism (FSDP) and
+    ``model``-way tensor parallelism. Ring collectives: an all-gather or reduce-scatter of
+    S bytes over n chips sends (n-1)/n·S per chip, an all-reduce twice that.
+
+    - pod: the all-reduce of each chip's gradient shard, N / (data·model) values, across
+      the pods (PaLM's cross-pod transfer).
+    - data: gathering the chip's model-parallel slice of the weights, N / model values,
+      before the forward and the backward (and again for a rematerialised forward), and
+      reduce-scattering its gradient.
+    - model: all-reducing the activations [tokens on the chip's data shard, d_model] after
+      each block's attention and FFN (one fused all-reduce per parallel block in the
+      forward, two in a serial one), forward and backward (and the recomputed forward).
+    Estimates of volume, not of time: overlap and link speeds are the hardware's."""
+    N = count_params(cfg)
+    ring = lambda n: (n - 1) / n
+    forwards = 2 if cfg.remat == "none" else 3  # forward, backward (, recomputed forward)
+    weights_per_chip = N / model * bytes_per_value
+    tokens_per_chip = tokens_per_step / (pods * data)
+    reduces = (1 if cfg.block == "parallel" else 2) * cfg.n_layers * forwards
+    return {"pod": 2 * ring(pods) * N / (data * model) * bytes_per_value,
+            "data": ring(data) * weights_per_chip * (forwards + 1),
+            "model": 2 * ring(model) * reduces * tokens_per_chip * cfg.d_model * bytes_per_value}
