@@ -10,6 +10,10 @@ readable, it raises rather than let a resume silently start again from step 0.
 
 Arrays sharded over a device mesh are saved shard by shard, and restored onto whatever
 shardings the target carries: a run saved on one mesh resumes on another (``palmlite.sharding``).
+With several processes every one of them calls ``save`` and ``restore`` (orbax's barriers go
+through ``jax.distributed``): each writes the shards its devices hold, process 0 the metadata,
+so the directory must be one that every process sees; a run saved by 2 processes resumes on 1
+or 4 (``tests/test_multiprocess.py``).
 """
 
 from __future__ import annotations
@@ -65,12 +69,12 @@ class Checkpointer:
         """(step, state, meta) of the newest readable checkpoint, or None if there is none.
 
         ``target`` (arrays or ShapeDtypeStructs) gives the structure, and the shardings to
-        restore onto; a leaf without one goes to the default device (orbax would otherwise
-        reuse the saved layout, whose devices this process may not have). ``move_damaged``
+        restore onto; a leaf without one goes to this process's first device (orbax would
+        otherwise reuse the saved layout, whose devices this process may not have). ``move_damaged``
         (a resume, which will save again): unreadable steps are moved aside. Raises
         ``FileNotFoundError`` when there are checkpoints and none of them is readable.
         """
-        one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None else
                               jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device), target)
         damaged = []
@@ -100,11 +104,16 @@ class Checkpointer:
         return Path(self.manager.directory)
 
     def _move_aside(self, step: int) -> Path:
-        """Move a damaged step out of the listed checkpoints, keeping it for inspection."""
+        """Move a damaged step out of the listed checkpoints, keeping it for inspection.
+        Several processes: process 0 moves it, the others wait for that before rereading."""
         aside = self.directory.parent / f"{self.directory.name}-damaged"
-        aside.mkdir(exist_ok=True)
         dest = aside / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"
-        shutil.move(str(self.directory / str(step)), dest)
+        if jax.process_index() == 0:
+            aside.mkdir(exist_ok=True)
+            shutil.move(str(self.directory / str(step)), dest)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"palmlite: checkpoint {step} moved aside")
         self.manager.reload()
         return dest
 

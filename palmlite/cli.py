@@ -1,4 +1,4 @@
-"""The palmlite command line: presets, train, generate, sweep, figures."""
+"""The palmlite command line: presets, train, launch, generate, sweep, figures."""
 
 from __future__ import annotations
 
@@ -47,12 +47,16 @@ def _train(args) -> None:
     budget = dict(steps=args.steps) if args.tokens is None else dict(steps=None, tokens=args.tokens)
     tc = TrainConfig(corpus=args.corpus, tokenizer=args.tokenizer, quiet=args.quiet,
                      mesh=args.mesh, **budget)
-    if tc.mesh is not None:  # one of several hosts? join them before JAX touches a device
-        from palmlite.sharding import initialize_distributed
-        initialize_distributed()
+    # One of several processes (`palmlite launch`, SLURM, a TPU pod)? Join the others before
+    # JAX touches a device: sharding.initialize_distributed.
+    from palmlite.sharding import initialize_distributed
+    initialize_distributed()
     cfg, tc = parse_overrides(args.set, presets.get(args.preset), tc)
     result = train(cfg, tc, out=args.out, resume=args.resume)
     last = result.metrics[-1]
+    import jax
+    if jax.process_index() > 0:  # several processes: process 0 reports for all
+        return
     print(f"step {last['step']}: loss {last['loss']:.4f}, val_loss {last.get('val_loss', float('nan')):.4f}, "
           f"val bits/byte {last.get('val_bits_per_byte', float('nan')):.4f}; run in {args.out}")
 
@@ -107,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("presets", help="table of every preset: params, FLOPs/token, KV-cache bytes")
     _train_parsers(sub)
+    _launch_parser(sub)
     _study_parsers(sub)
     return parser
 
@@ -136,6 +141,30 @@ def _train_parsers(sub) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-retrieval", action="store_true",
                    help="a RETRO run generates without its database (CCA reads nothing)")
+
+
+def _launch_parser(sub) -> None:
+    n = sub.add_parser("launch", help="several local processes of one training run, joined "
+                                      "into one JAX job (palmlite.launch)",
+                       description="e.g. palmlite launch --processes 2 -- train --preset tiny "
+                                   "--mesh data=-1 --out runs/two")
+    n.add_argument("--processes", type=int, default=2, help="processes to start (default 2)")
+    n.add_argument("--devices-per-process", type=int, default=4,
+                   help="CPU devices each process gets (default 4)")
+    n.add_argument("--log-dir", default=None, metavar="DIR",
+                   help="where processes 1.. write their output (default: a new temporary "
+                        "directory); process 0's is streamed")
+    n.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="stop every process after this long (exit status 124)")
+    n.add_argument("args", nargs=argparse.REMAINDER, metavar="-- train ...",
+                   help="the palmlite command every process runs")
+
+
+def _launch(args) -> int:
+    from palmlite.launch import launch
+    command = args.args[1:] if args.args[:1] == ["--"] else args.args
+    return launch(command, args.processes, args.devices_per_process, log_dir=args.log_dir,
+                  timeout=args.timeout)
 
 
 def _study_parsers(sub) -> None:
@@ -175,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             print(presets_table())
         elif args.command == "train":
             _train(args)
+        elif args.command == "launch":
+            return _launch(args)
         elif args.command == "sweep":
             return 1 if _sweep(args) else 0
         elif args.command == "figures":

@@ -41,6 +41,7 @@ class TrainingLoop:
         # Where the time goes (seconds): compiling the step, training steps (batches
         # included), evaluation and checkpoints. Setup before the loop is the caller's.
         self.seconds = dict(compile=0.0, training=0.0, evaluation=0.0, checkpoint=0.0)
+        self.tokens_read = 0  # of the training rows this process read (seq_len per row)
 
     def run(self, make_step, state, start: int):
         """Train from step ``start`` to the end in calls of ``steps_per_call`` steps, each
@@ -99,6 +100,8 @@ class TrainingLoop:
     def _read(self, step: int, n: int, k: int, rows) -> np.ndarray:
         """Batch ``step`` ([B, T+1]), or with k > 1 a block of k: batches step..step+n-1,
         then zeros for the steps the call skips."""
+        n_rows = len(range(*rows.indices(self.tc.batch_size)))
+        self.tokens_read += n * n_rows * self.tc.seq_len
         if k == 1:
             return self.batches.get(step, rows)
         batches = [self.batches.get(s, rows) for s in range(step, step + n)]
@@ -111,8 +114,15 @@ class TrainingLoop:
         only its own rows (``read_rows(rows)``)."""
         if self.batch_sharding is None:
             return jax.tree.map(jnp.asarray, read_rows(slice(None)))
-        if isinstance(shape, dict):
-            return {name: _place_array(lambda rows, n=name: read_rows(rows)[n], shape[name],
+        if isinstance(shape, dict):  # each slice of rows read once, for all the arrays
+            read = {}
+
+            def part(rows, name):
+                key = (rows.start, rows.stop, rows.step)
+                if key not in read:
+                    read[key] = read_rows(rows)
+                return read[key][name]
+            return {name: _place_array(lambda rows, n=name: part(rows, n), shape[name],
                                        self.batch_sharding[name]) for name in shape}
         return _place_array(read_rows, shape, self.batch_sharding)
 
@@ -127,7 +137,8 @@ class TrainingLoop:
                    z_loss=sum(float(m["z_loss"]) for m in got) / len(got),
                    grad_norm=float(got[-1]["grad_norm"]), lr=float(self.schedule(done - 1)),
                    bits_per_byte=self.train_ds.bits_per_byte(loss), tokens_per_s=tokens_per_s,
-                   mfu=None if self.peak is None else tokens_per_s * self.flops_per_token / self.peak)
+                   mfu=None if self.peak is None else tokens_per_s * self.flops_per_token / self.peak,
+                   tokens_read_per_process=self._tokens_read_per_process())
         if "expert_load" in got[-1]:  # a mixture of experts: interval means
             row.update({k: sum(float(m[k]) for m in got) / len(got)
                         for k in ("aux_loss", "router_z_loss", "dropped_fraction")},
@@ -143,6 +154,17 @@ class TrainingLoop:
                 f.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
         bar.update(len(got))
+
+    def _tokens_read_per_process(self) -> list[int]:
+        """Training tokens each process has read since it started, by process index: with
+        several, each reads only its own rows of every batch (``sharding.place_batch``),
+        1/P of them on a data-parallel mesh. Every process sends its count to all (a small
+        host collective, at log steps only) so that process 0 can write them."""
+        if jax.process_count() == 1:
+            return [self.tokens_read]
+        from jax.experimental import multihost_utils
+        counts = multihost_utils.process_allgather(np.int64(self.tokens_read))
+        return [int(c) for c in np.asarray(counts).reshape(-1)]
 
     def _evaluate(self, state) -> dict:
         """Validation loss and bits per byte; RETRO: with retrieval, and without it."""
@@ -226,8 +248,10 @@ def _every(done: int, interval: int) -> bool:
 
 def _progress(total: int, start: int, quiet: bool):
     """tqdm.auto: a widget in Jupyter, a bar in a terminal; quiet: an update every 30 s."""
+    hidden = jax.process_index() > 0  # several processes: one bar, process 0's
     if quiet:
         from tqdm.std import tqdm
-        return tqdm(total=total, initial=start, mininterval=30, maxinterval=60, ascii=True)
+        return tqdm(total=total, initial=start, mininterval=30, maxinterval=60, ascii=True,
+                    disable=hidden)
     from tqdm.auto import tqdm
-    return tqdm(total=total, initial=start, unit="step")
+    return tqdm(total=total, initial=start, unit="step", disable=hidden)

@@ -79,7 +79,8 @@ def read_metrics(path: Path, upto: int) -> list[dict]:
             warnings.warn(f"{str(path)!r}: dropped a torn last line ({line[:40]!r}...)",
                           stacklevel=2)
     kept = [r for r in rows if r["step"] <= upto]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    if jax.process_index() == 0:  # one writer per run, as for every line after these
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
     return kept
 
 

@@ -181,35 +181,81 @@ def place_batch(read_rows, shape: tuple[int, ...], sharding: NamedSharding,
                 batch_axis: int = 0) -> jax.Array:
     """The global batch of ``shape`` as one array split over the mesh. ``read_rows(rows)``
     returns the batch's rows in the slice ``rows`` (along ``batch_axis``: 1 for a block of
-    batches [K, B, T+1]); with several processes, each one reads only the rows its own
-    devices hold (``make_array_from_callback`` asks per device)."""
+    batches [K, B, T+1]). With several processes each one reads only the rows its own
+    devices hold, each row once (devices that hold the same rows, e.g. along ``tensor``,
+    share one read), and the global array is assembled from those local pieces
+    (``jax.make_array_from_single_device_arrays``): no process ever holds the whole batch."""
     if jax.process_count() == 1:
         return jax.device_put(read_rows(slice(None)), sharding)
-
-    def shard(index):
+    rows_of = lambda index: slice(*index[batch_axis].indices(shape[batch_axis]))
+    pieces = {}  # (start, stop) -> the rows read for them, once
+    arrays = []
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        rows = rows_of(index)
+        key = (rows.start, rows.stop)
+        if key not in pieces:
+            pieces[key] = read_rows(rows)
         rest = tuple(s if i != batch_axis else slice(None) for i, s in enumerate(index))
-        return read_rows(index[batch_axis])[rest]
-    return jax.make_array_from_callback(shape, sharding, shard)
+        arrays.append(jax.device_put(pieces[key][rest], device))
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
 # ---- several hosts -------------------------------------------------------------------------
-def initialize_distributed() -> bool:
-    """``jax.distributed.initialize()`` when this process is one of several; call it before
-    anything else touches JAX. Returns whether it did.
+# What `palmlite launch` sets in each process it starts (or set them by hand, one process per
+# machine, where no cluster manager does): process 0's host:port, the count, this one's id.
+COORDINATOR, NUM_PROCESSES, PROCESS_ID = \
+    "PALMLITE_COORDINATOR", "PALMLITE_NUM_PROCESSES", "PALMLITE_PROCESS_ID"
 
-    Detected: SLURM with more than one task (``srun``), Open MPI (``mpirun``), an explicit
-    ``JAX_COORDINATOR_ADDRESS``, or ``PALMLITE_DISTRIBUTED=1`` (set it on a TPU pod slice,
-    whose workers JAX finds through the TPU metadata server). JAX then reads the process
-    count, this process's id and the coordinator from that environment.
+
+def initialize_distributed() -> bool:
+    """``jax.distributed.initialize`` when this process is one of several; call it before
+    anything else touches JAX (it must precede the backend). Returns whether it did.
+
+    Explicit: ``PALMLITE_COORDINATOR``, ``PALMLITE_NUM_PROCESSES``, ``PALMLITE_PROCESS_ID``
+    (``palmlite launch`` sets them: ``palmlite.launch``). Detected: SLURM with more than one
+    task (``srun``), Open MPI (``mpirun``), an explicit ``JAX_COORDINATOR_ADDRESS``, or
+    ``PALMLITE_DISTRIBUTED=1`` (a TPU pod slice, whose workers JAX finds through the TPU
+    metadata server). For those, ``jax.distributed.initialize()`` with no arguments reads
+    the process count, this process's id and the coordinator from the environment itself,
+    so the one code path runs on a laptop, a SLURM cluster and a TPU pod.
+
+    On the CPU the collectives between processes are gloo's over TCP (JAX's
+    ``jax_cpu_collectives_implementation``; "gloo" is the default since JAX 0.5, set here
+    for older ones, which had none and refused computations spanning processes).
     """
+    if jax.distributed.is_initialized():
+        return False
+    explicit = _explicit_processes(os.environ)
     env = os.environ
     several = (int(env.get("SLURM_NTASKS", "1")) > 1
                or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
                or "JAX_COORDINATOR_ADDRESS" in env or env.get("PALMLITE_DISTRIBUTED") == "1")
-    if not several or jax.distributed.is_initialized():
+    if explicit is None and not several:
         return False
-    jax.distributed.initialize()
+    if not jax.config.jax_cpu_collectives_implementation:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**(explicit or {}))
     return True
+
+
+def _explicit_processes(env) -> dict | None:
+    """initialize()'s arguments from the PALMLITE_* variables, checked; None if unset."""
+    names = (COORDINATOR, NUM_PROCESSES, PROCESS_ID)
+    given = [n for n in names if env.get(n)]
+    if not given:
+        return None
+    if len(given) < len(names):
+        raise ValueError(f"{sorted(set(names) - set(given))} unset but {given} set: several "
+                         f"processes need all of {names} (`palmlite launch` sets them)")
+    try:
+        n, i = int(env[NUM_PROCESSES]), int(env[PROCESS_ID])
+    except ValueError:
+        raise ValueError(f"{NUM_PROCESSES}={env[NUM_PROCESSES]!r} and {PROCESS_ID}="
+                         f"{env[PROCESS_ID]!r} must be integers") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"{PROCESS_ID}={i} with {NUM_PROCESSES}={n}: expected "
+                         f"{NUM_PROCESSES} >= 1 and 0 <= {PROCESS_ID} < {NUM_PROCESSES}")
+    return dict(coordinator_address=env[COORDINATOR], num_processes=n, process_id=i)
 
 
 # ---- inspection ----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ guard) is ``palmlite.loop``; what a run directory holds, and how it is read back
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -197,6 +198,10 @@ def train(model: ModelConfig | str = "small", config: TrainConfig | None = None,
     tc.check_moe_groups(cfg)
     tc.check_retro(cfg)
     mesh = None if tc.mesh is None else sharding.make_mesh(tc.mesh)  # checks the device count
+    if mesh is None and jax.process_count() > 1:
+        raise ValueError(f"TrainConfig.mesh=None trains on one device, but this is one of "
+                         f"{jax.process_count()} processes: give a mesh over all "
+                         f"{jax.device_count()} devices, e.g. mesh='data=-1' (--mesh data=-1)")
     batch_sharding = None if mesh is None else \
         sharding.batch_sharding(mesh, (tc.batch_size, tc.seq_len + 1))  # and the batch size
     if batch_sharding is not None and cfg.retro is not None:  # neighbours split like their rows
@@ -205,7 +210,9 @@ def train(model: ModelConfig | str = "small", config: TrainConfig | None = None,
     setup = dict(dtypes=dtypes, mesh=mesh, batch_sharding=batch_sharding, t_start=t_start)
     if out is None:  # everything above is checked before a run directory is touched
         return _train(cfg, tc, None, resume, **setup)
-    with runs.run_lock(Path(out)):
+    # Several processes train one run: process 0 holds the lock for all of them.
+    lock = runs.run_lock(Path(out)) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
         return _train(cfg, tc, Path(out), resume, **setup)
 
 
