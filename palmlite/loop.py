@@ -17,9 +17,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from palmlite import runs, sharding
-from palmlite.accounting import device_peak_flops, flops_per_token
+from palmlite.accounting import device_peak_flops, flops_per_token, hardware_flops_per_token
 from palmlite.config import TrainConfig
-from palmlite.evaluate import evaluate
+from palmlite.evaluate import evaluate, evaluate_domains
+from palmlite.mixture import MixtureDataset
 
 
 class TrainingLoop:
@@ -36,6 +37,7 @@ class TrainingLoop:
         n_devices = 1 if batch_sharding is None else jax.tree.leaves(batch_sharding)[0].mesh.size
         self.peak = None if peak is None else peak * n_devices
         self.flops_per_token = flops_per_token(cfg, tc.seq_len)
+        self.hardware_flops = hardware_flops_per_token(cfg, tc.seq_len)  # + remat's recompute
         self.batch_sharding = batch_sharding
         self.val_windows = val_windows  # RETRO: validation windows with their neighbours
         # Where the time goes (seconds): compiling the step, training steps (batches
@@ -138,10 +140,12 @@ class TrainingLoop:
                    grad_norm=float(got[-1]["grad_norm"]), lr=float(self.schedule(done - 1)),
                    bits_per_byte=self.train_ds.bits_per_byte(loss), tokens_per_s=tokens_per_s,
                    mfu=None if self.peak is None else tokens_per_s * self.flops_per_token / self.peak,
+                   hfu=None if self.peak is None else tokens_per_s * self.hardware_flops / self.peak,
                    tokens_read_per_process=self._tokens_read_per_process())
         if "expert_load" in got[-1]:  # a mixture of experts: interval means
             row.update({k: sum(float(m[k]) for m in got) / len(got)
-                        for k in ("aux_loss", "router_z_loss", "dropped_fraction")},
+                        for k in ("aux_loss", "router_z_loss", "dropped_fraction",
+                                  "router_entropy")},
                        **{k: (sum(m[k] for m in got) / len(got)).tolist()
                           for k in ("expert_load", "expert_load_per_layer")})
         if evaluate_now:
@@ -173,6 +177,9 @@ class TrainingLoop:
                                       jax.tree.map(np.shape, b))
         run = lambda windows, put: evaluate(model, self.val_ds, tc.seq_len, tc.batch_size,
                                             tc.eval_batches, put=put, windows=windows)
+        if isinstance(self.val_ds, MixtureDataset):
+            return evaluate_domains(model, self.val_ds, tc.seq_len, tc.batch_size,
+                                    tc.eval_batches, put=place)
         ev = run(self.val_windows, place)
         row = dict(val_loss=ev["loss"], val_bits_per_byte=ev["bits_per_byte"])
         if self.val_windows is not None:
@@ -207,12 +214,15 @@ class TrainingLoop:
 
 def batch_shapes(tc: TrainConfig, cfg, k: int = 1):
     """The shape of one call's batch: [B, T+1] tokens, or for RETRO a dict of those and the
-    neighbours [B, C, J, R]; with k > 1 a block of k of them (a leading axis)."""
+    neighbours [B, C, J, R], for a mixture of those and the domains [B]; with k > 1 a block
+    of k of them (a leading axis)."""
     shape = (tc.batch_size, tc.seq_len + 1)
     if cfg.retro is not None:
         r = cfg.retro
         shape = dict(tokens=shape, neighbours=(tc.batch_size, tc.seq_len // r.chunk_size,
                                                r.n_neighbours, r.neighbour_len))
+    if tc.is_mixture:  # each row's domain id (palmlite.mixture)
+        shape = dict(tokens=shape, domains=(tc.batch_size,))
     return shape if k == 1 else jax.tree.map(lambda s: (k, *s), shape, is_leaf=_is_shape)
 
 

@@ -36,10 +36,12 @@ from palmlite.accounting import count_params, flops_per_token
 from palmlite.attention import check_platform
 from palmlite.checkpoint import Checkpointer
 from palmlite.config import ModelConfig, TrainConfig
+from palmlite.corpora import Mixture
 from palmlite.data import TokenDataset, get_tokenizer, load_corpus
 from palmlite.files import COMPILATION_CACHE_COUNTS, atomic_write_text
 from palmlite.losses import cross_entropy_and_z_loss
 from palmlite.loop import TrainingLoop
+from palmlite.mixture import MixtureDataset
 from palmlite.model import Transformer
 from palmlite.moe import moe_stats
 from palmlite import retro, schedules
@@ -81,15 +83,17 @@ class TrainResult:
             compilation_cache=self.compilation_cache,
             corpus={k: data["corpus"][k] for k in ("name", "fingerprint")},
             tokenizer={k: data["tokenizer"][k] for k in ("name", "fingerprint")},
-            model=self.info["model"], train=self.info["train"], versions=self.info["versions"])
+            model=self.info["model"], train=self.info["train"], versions=self.info["versions"],
+            **{k: final[k] for k in ("val_loss_by_domain", "val_bits_per_byte_by_domain")
+               if k in final})  # a mixture's domains (palmlite.mixture)
 
 
 def compute_loss(model, batch, z_loss_coef):
     """Cross-entropy + z_loss_coef · log²Z on next-token targets, plus a mixture of experts'
     load-balancing (Switch §2.2) and router z (ST-MoE) losses; returns (loss, metrics).
     ``batch``: tokens [B, T+1], or for RETRO a dict of them and their ``neighbours``."""
-    batch_BxT1, neighbours = split_batch(batch)
-    logits_BxTxV, _, per_layer = model.forward(batch_BxT1[:, :-1], neighbours=neighbours)
+    batch_BxT1, inputs = split_batch(batch)
+    logits_BxTxV, _, per_layer = model.forward(batch_BxT1[:, :-1], **inputs)
     ce, z = cross_entropy_and_z_loss(logits_BxTxV, batch_BxT1[:, 1:])
     loss, metrics = ce + z_loss_coef * z, dict(loss=ce, z_loss=z)
     if per_layer:
@@ -99,9 +103,13 @@ def compute_loss(model, batch, z_loss_coef):
     return loss, metrics
 
 
-def split_batch(batch) -> tuple[jax.Array, jax.Array | None]:
-    """(tokens [B, T+1], RETRO's neighbours [B, C, J, R] or None) of a batch."""
-    return (batch["tokens"], batch["neighbours"]) if isinstance(batch, dict) else (batch, None)
+def split_batch(batch) -> tuple[jax.Array, dict]:
+    """(tokens [B, T+1], what else the model reads) of a batch: a plain [B, T+1] array, or
+    a dict of tokens and RETRO's ``neighbours`` [B, C, J, R] or a mixture's ``domains`` [B]
+    (``Transformer.forward``'s keyword arguments)."""
+    if not isinstance(batch, dict):
+        return batch, {}
+    return batch["tokens"], {k: v for k, v in batch.items() if k != "tokens"}
 
 
 def init_state(cfg: ModelConfig, tc: TrainConfig, abstract: bool = False, mesh=None):
@@ -197,6 +205,7 @@ def train(model: ModelConfig | str = "small", config: TrainConfig | None = None,
     check_platform(cfg)  # a toggle this machine cannot run (cuDNN attention off an NVIDIA GPU)
     tc.check_moe_groups(cfg)
     tc.check_retro(cfg)
+    tc.check_domains(cfg)
     mesh = None if tc.mesh is None else sharding.make_mesh(tc.mesh)  # checks the device count
     if mesh is None and jax.process_count() > 1:
         raise ValueError(f"TrainConfig.mesh=None trains on one device, but this is one of "
@@ -207,6 +216,9 @@ def train(model: ModelConfig | str = "small", config: TrainConfig | None = None,
     if batch_sharding is not None and cfg.retro is not None:  # neighbours split like their rows
         batch_sharding = dict(tokens=batch_sharding, neighbours=NamedSharding(
             mesh, P(batch_sharding.spec[0], None, None, None)))
+    if batch_sharding is not None and tc.is_mixture:  # so are the rows' domain ids
+        batch_sharding = dict(tokens=batch_sharding,
+                              domains=NamedSharding(mesh, P(batch_sharding.spec[0])))
     setup = dict(dtypes=dtypes, mesh=mesh, batch_sharding=batch_sharding, t_start=t_start)
     if out is None:  # everything above is checked before a run directory is touched
         return _train(cfg, tc, None, resume, **setup)
@@ -275,11 +287,12 @@ def datasets(tc: TrainConfig, check=lambda what, obj: None):
     sees the corpus and the tokenizer before they are used."""
     corpus = load_corpus(tc.corpus)
     check("corpus", corpus)
-    tokenizer = get_tokenizer(tc.tokenizer, corpus)
+    tokenizer = get_tokenizer(tc.tokenizer, corpus)  # a mixture's: trained on all its domains
     check("tokenizer", tokenizer)
     split = dict(val_fraction=tc.val_fraction, seed=tc.split_seed)
-    return (corpus, tokenizer, TokenDataset(corpus, tokenizer, split="train", **split),
-            TokenDataset(corpus, tokenizer, split="validation", **split))
+    dataset = MixtureDataset if isinstance(corpus, Mixture) else TokenDataset
+    return (corpus, tokenizer, dataset(corpus, tokenizer, split="train", **split),
+            dataset(corpus, tokenizer, split="validation", **split))
 
 
 def _start_from_base(state, graphdef, cfg: ModelConfig, tc: TrainConfig, tokenizer, mesh):

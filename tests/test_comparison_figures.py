@@ -213,3 +213,14 @@ def test_pathways_compares_each_domain_with_the_dense_twin_seed_by_seed():
     assert "token-routed MoE (Switch, GLaM) − dense: pystdlib -0.050 bits/byte" in title
     assert "task-routed" not in title  # no such runs: no bars, no line
     plt.close(fig)
+
+
+def test_pathways_with_only_dense_runs_says_so_instead_of_failing():
+    """Notebook 11 draws the figure of one point (arch=dense): there is nothing to route."""
+    run = dict(arch="dense", seed=0, domains=["pydocs"], val_bits_per_byte_by_domain={"pydocs": 2.0})
+    fig = plt.figure()
+    FIGURES["pathways"]([dict(metrics=dict(runs=[run]))], fig, ["seed"])
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert "no routed MoE in these runs" in texts
+    assert "no MoE with a dense twin in these runs" in texts
+    plt.close(fig)

@@ -52,6 +52,8 @@ def domain_differences(runs: dict, names: list[str]) -> dict[str, dict[str, comp
 
 
 def _loss_panel(ax, diffs: dict, names: list[str]) -> None:
+    if not diffs:
+        return _empty(ax, "no MoE with a dense twin in these runs")
     width = 0.8 / max(1, len(diffs))
     for i, (arch, by_domain) in enumerate(diffs.items()):
         x = np.arange(len(names)) + (i - (len(diffs) - 1) / 2) * width
@@ -71,6 +73,8 @@ def _loss_panel(ax, diffs: dict, names: list[str]) -> None:
 
 def _use_panel(ax, runs: dict, names: list[str]) -> None:
     """Rows: domains; columns: experts of layer 1 | layer 2 | ... for each routed arch."""
+    if not any(arch in runs for arch in ROUTED):
+        return _empty(ax, "no routed MoE in these runs")
     blocks, labels = [], []
     for arch in ROUTED:
         if arch not in runs:
@@ -90,6 +94,8 @@ def _use_panel(ax, runs: dict, names: list[str]) -> None:
 
 
 def _mi_panel(ax, runs: dict) -> None:
+    if not any(arch in runs for arch in ROUTED):
+        return _empty(ax, "no routed MoE in these runs")
     for i, arch in enumerate(ROUTED):
         if arch not in runs:
             continue
@@ -110,6 +116,11 @@ def _verdict(diffs: dict, names: list[str]) -> str:
         parts = "; ".join(f"{_short(n)} {d.text('bits/byte')}" for n, d in by_domain.items())
         lines.append(f"{ARCHS[arch]} − dense: {parts}")
     return "Per-domain validation, each MoE minus its dense twin in these runs:\n" + "\n".join(lines)
+
+
+def _empty(ax, why: str) -> None:
+    ax.text(0.5, 0.5, why, ha="center", va="center", fontsize=9, transform=ax.transAxes)
+    ax.set_axis_off()
 
 
 def _short(name: str) -> str:
