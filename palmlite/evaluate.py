@@ -50,18 +50,42 @@ def evaluate(model, dataset, seq_len: int, batch_size: int = 8,
 def evaluate_domains(model, dataset, seq_len: int, batch_size: int = 8,
                      max_batches: int | None = None, put=None) -> dict:
     """A mixture's validation (``palmlite.mixture.MixtureDataset``): each domain's loss and
-    bits per byte on its own windows (the model told the domain), and the mixture's as the
-    weighted sums Σ w_d L_d and Σ w_d L_d / ln 2 / Σ w_d bytes-per-token_d."""
-    from palmlite.mixture import domain_windows
-    n_max = None if max_batches is None else max_batches * batch_size
-    by_domain = {name: evaluate(model, part, seq_len, batch_size, max_batches, put=put,
-                                windows=windows)
-                 for name, part, windows in zip(dataset.names, dataset.domains,
-                                                domain_windows(dataset, seq_len, n_max))}
-    loss = dataset.weighted({n: ev["loss"] for n, ev in by_domain.items()})
+    bits per byte, and the mixture's as the weighted sums Σ w_d L_d and
+    Σ w_d L_d / ln 2 / Σ w_d bytes-per-token_d.
+
+    The batches mix the domains as training did (``mixture.mixed_windows``), each row told
+    its domain, and each row's loss counts for its own domain: a domain-routed mixture of
+    experts is then measured under the expert loads it was trained with."""
+    from palmlite.mixture import mixed_windows
+    put = put or (lambda batch: jax.tree.map(jnp.asarray, batch))
+    windows = mixed_windows(dataset, seq_len, None if max_batches is None else
+                            max_batches * batch_size)
+    n_full = len(windows["domains"]) // batch_size * batch_size
+    rows = lambda i: jax.tree.map(lambda x: x[i:i + batch_size], windows)
+    loss_N = np.concatenate([np.asarray(_row_losses(model, put(rows(i))))
+                             for i in range(0, n_full, batch_size)] or [np.zeros(0)])
+    domains_N = windows["domains"][:n_full]
+    by_domain = {}
+    for d, (name, part) in enumerate(zip(dataset.names, dataset.domains)):
+        if not (domains_N == d).any():
+            raise ValueError(f"the validation split of domain {name!r} has no window of "
+                             f"seq_len={seq_len} in the first {n_full} mixed rows: raise "
+                             f"max_batches or the domain's share of the validation split")
+        by_domain[name] = float(loss_N[domains_N == d].mean())
+    loss = dataset.weighted(by_domain)
     return dict(val_loss=loss, val_bits_per_byte=dataset.bits_per_byte(loss),
-                val_loss_by_domain={n: ev["loss"] for n, ev in by_domain.items()},
-                val_bits_per_byte_by_domain={n: ev["bits_per_byte"] for n, ev in by_domain.items()})
+                val_loss_by_domain=by_domain,
+                val_bits_per_byte_by_domain={n: p.bits_per_byte(by_domain[n]) for n, p in
+                                             zip(dataset.names, dataset.domains)})
+
+
+@nnx.jit
+def _row_losses(model, batch):
+    """Mean next-token loss of each row [B], in nats."""
+    tokens_BxT1 = batch["tokens"]
+    logits_BxTxV = model(tokens_BxT1[:, :-1], domains=batch["domains"]).astype(jnp.float32)
+    target_BxT = jnp.take_along_axis(logits_BxTxV, tokens_BxT1[:, 1:, None], axis=-1)[..., 0]
+    return jnp.mean(jax.nn.logsumexp(logits_BxTxV, axis=-1) - target_BxT, axis=-1)
 
 
 # ---- RETRO §2.6: how much of retrieval's gain is copying ----------------------------------

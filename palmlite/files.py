@@ -96,7 +96,28 @@ def use_compilation_cache() -> Path | None:
     # A size limit makes JAX evict old entries and take a file lock around each read and
     # write (without one, a sweep's concurrent workers could read a half-written entry).
     jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
+    repair_compilation_cache(path)
     return path
+
+
+def repair_compilation_cache(path: Path) -> list[str]:
+    """Delete entries a killed process left half-written: an executable (``KEY-cache``)
+    without its access time (``KEY-atime``), or the reverse. JAX writes the two one after
+    the other, and its eviction reads every entry's access time, so one orphan made every
+    later cache write fail (JAX 0.10) and the cache silently stop growing. Runs under the
+    cache's own file lock; skipped if another process holds it. Returns the keys removed."""
+    import filelock
+    try:
+        with filelock.FileLock(path / ".lockfile", timeout=1):
+            names = {p.name for p in path.iterdir()}
+            keys = {n.rsplit("-", 1)[0] for n in names if n.endswith(("-cache", "-atime"))}
+            broken = sorted(k for k in keys if f"{k}-cache" not in names or f"{k}-atime" not in names)
+            for key in broken:
+                for suffix in ("-cache", "-atime"):
+                    (path / f"{key}{suffix}").unlink(missing_ok=True)
+            return broken
+    except (filelock.Timeout, OSError):
+        return []
 
 
 # Compilations that asked the persistent cache, and those it answered, in this process.

@@ -131,6 +131,31 @@ class MixtureBatches:
         return sum(p.tokens_served for p in self.parts)
 
 
+def mixed_windows(dataset: MixtureDataset, seq_len: int,
+                  max_windows: int | None = None) -> dict[str, np.ndarray]:
+    """Validation windows in the order training mixes them, {"tokens": [N, T+1], "domains":
+    [N]}: row g comes from domain ``MixtureBatches.domains_of(g)`` (seed 0), each domain's
+    windows in order, up to ``max_windows`` rows or the row before a domain runs out.
+
+    Per-domain evaluation reads these, not each domain alone: a model whose experts follow
+    the domain (``MoEConfig.routing``) sees, in a batch of one domain, every token sent to
+    the same experts, which overflow their capacity and drop tokens they never dropped in
+    training, whose batches were mixed like these."""
+    per_domain = domain_windows(dataset, seq_len)
+    available = [len(w["tokens"]) for w in per_domain]
+    n = sum(available) if max_windows is None else max_windows
+    domains_N = MixtureBatches(dataset, 1, seq_len).domains_of(np.arange(n))
+    index_N = np.zeros(n, np.int64)
+    for d in range(len(per_domain)):
+        mine = domains_N == d
+        index_N[mine] = np.arange(mine.sum())
+    short = index_N >= np.asarray(available)[domains_N]
+    n = int(np.argmax(short)) if short.any() else n  # stop before the first missing window
+    tokens = np.stack([per_domain[d]["tokens"][i] for d, i in zip(domains_N[:n], index_N[:n])]) \
+        if n else np.zeros((0, seq_len + 1), np.int32)
+    return dict(tokens=tokens, domains=domains_N[:n].astype(np.int32))
+
+
 def domain_windows(dataset: MixtureDataset, seq_len: int,
                    max_windows: int | None = None) -> list[dict[str, np.ndarray]]:
     """Each domain's first validation windows with its id, {"tokens": [N, T+1], "domains":

@@ -20,6 +20,7 @@ import jax
 from palmlite import __version__
 from palmlite.config import ModelConfig, TrainConfig
 from palmlite.files import atomic_write_text
+from palmlite.sharding import mesh_processes
 
 # Fields that may differ when resuming (they do not change what is computed).
 RESUMABLE_CHANGES = {"steps", "tokens", "stop_after", "log_every", "eval_every",
@@ -121,14 +122,16 @@ def same_data_as_saved(run_dir: Path | None, kind: str, now) -> None:
             f"{current['fingerprint'][:12]}); resume with the run's data, or start a new run")
 
 
-def run_info(cfg, tc, tokenizer, corpus, train_ds, val_ds) -> dict:
-    """What config.json records: the configs as trained, the data, the device, versions."""
+def run_info(cfg, tc, tokenizer, corpus, train_ds, val_ds, mesh=None) -> dict:
+    """What config.json records: the configs as trained, the data, the devices (and on a
+    mesh, which process holds each of its positions), versions."""
     device = jax.devices()[0]
     return dict(model=cfg.to_dict(), train=tc.to_dict(),
                 data=dict(corpus=corpus.to_dict(), tokenizer=tokenizer.to_dict(),
                           train=train_ds.to_dict(), validation=val_ds.to_dict()),
                 device=dict(platform=device.platform, kind=device.device_kind,
-                            count=jax.device_count()),
+                            count=jax.device_count(), processes=jax.process_count(),
+                            mesh=None if mesh is None else mesh_processes(mesh)),
                 versions=dict(palmlite=__version__, jax=jax.__version__, python=platform.python_version(),
                               **{m: _version(m) for m in ("flax", "optax", "orbax.checkpoint")}))
 

@@ -5,7 +5,10 @@ that program is an ordinary jitted step whose inputs carry shardings; XLA's SPMD
 inserts the all-gathers, reduce-scatters and all-to-alls. palmlite only decides *where each
 array lives*:
 
-- a **mesh** names the devices along four axes, always in this order:
+- a **mesh** names the devices along five axes, always in this order:
+  ``pod`` (data parallelism *between* pods or hosts, over the slower data-centre network:
+  parameters replicated, batch split; PaLM §4's two TPU v4 pods. It is the outermost axis,
+  so its collectives are the only ones that leave a pod: one gradient all-reduce a step),
   ``data`` (pure data parallelism: parameters replicated, batch split),
   ``fsdp`` (ZeRO-3 / fully sharded data parallelism: batch split *and* parameters split along
   their ``embed`` dimension, gathered just in time for each matmul),
@@ -15,7 +18,9 @@ array lives*:
 - **rules** map each logical axis name a parameter carries (``palmlite.layers.make_param``)
   onto mesh axes. One table serves every strategy: a mesh axis of size 1 shards nothing, so
   ``data=8`` is pure data parallelism, ``fsdp=8`` is ZeRO-3, ``data=2,tensor=4`` is PaLM's
-  2D layout (PaLM §4: data × model parallelism, no pipeline).
+  2D layout (PaLM §4: data × model parallelism, no pipeline), and ``pod=2,data=2,tensor=4``
+  is that layout on two pods (``make_mesh``: each pod's devices are one TPU slice, or one
+  process's devices where there are no slices).
 
 A dimension that its mesh axes do not divide (e.g. one K/V head of multi-query attention on
 ``tensor=4``, or a 259-token byte vocabulary on ``tensor=2``) is **replicated** instead of
@@ -35,13 +40,14 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-AXES = ("data", "fsdp", "tensor", "expert")
+AXES = ("pod", "data", "fsdp", "tensor", "expert")
 
 # logical axis name -> mesh axis, a tuple of mesh axes, or None (replicated).
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp", "expert"),  # every data-like axis splits the batch (GShard)
+    "batch": ("pod", "data", "fsdp", "expert"),  # every data-like axis splits the batch (GShard)
     "length": None,  # no sequence parallelism
     "vocab": "tensor",  # embedding rows split like a column-parallel matmul
     "embed": "fsdp",  # ZeRO-3: every weight split along d_model
@@ -89,10 +95,13 @@ def _invalid(spec, why: str) -> ValueError:
 
 
 def make_mesh(spec: str | dict[str, int] | None = None, devices=None) -> Mesh:
-    """A mesh with axes (data, fsdp, tensor, expert) over ``devices`` (default: all of them).
+    """A mesh with axes (pod, data, fsdp, tensor, expert) over ``devices`` (default: all).
 
     Unnamed axes have size 1; the product of the sizes must equal the device count. Axes are
     ``Auto`` (XLA propagates shardings through the step), not JAX's newer ``Explicit`` ones.
+    With ``pod`` > 1 each pod is one *granule* of the slow network (``pod_granules``), laid
+    out by ``jax.experimental.mesh_utils.create_hybrid_device_mesh``; devices of one granule
+    (one process on a laptop) make a simulated pod axis: the same program and collectives.
     """
     devices = list(jax.devices() if devices is None else devices)
     sizes = parse_mesh_spec(spec)
@@ -106,8 +115,39 @@ def make_mesh(spec: str | dict[str, int] | None = None, devices=None) -> Mesh:
                              "sizes must equal the device count; -1 fills). On a CPU, "
                              "XLA_FLAGS=--xla_force_host_platform_device_count=8 set before "
                              "Python starts gives 8 devices")
-    return jax.make_mesh(tuple(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES),
-                         devices=devices)
+    auto = (AxisType.Auto,) * len(AXES)
+    pods, granules = shape[0], pod_granules(devices)
+    if pods == 1 or len(granules) == 1:
+        return jax.make_mesh(tuple(shape), AXES, axis_types=auto, devices=devices)
+    if len(granules) != pods:
+        raise _invalid(spec, f"pod={pods} needs the devices of {pods} slices (or, without "
+                             f"slices, processes), one per pod, but they come from "
+                             f"{len(granules)}; use pod={len(granules)}, or pod=1 (the other "
+                             "axes then span every slice)")
+    grid = mesh_utils.create_hybrid_device_mesh(
+        [1, *shape[1:]], [pods] + [1] * (len(AXES) - 1), devices,
+        process_is_granule=not _has_slices(devices))
+    return Mesh(grid, AXES, axis_types=auto)
+
+
+def pod_granules(devices) -> list[list]:
+    """The devices grouped by what the slow network joins: TPU slices where devices carry a
+    ``slice_index`` (multislice), else processes (hosts, or ``palmlite launch``'s processes)."""
+    key = "slice_index" if _has_slices(devices) else "process_index"
+    groups = collections.defaultdict(list)
+    for device in devices:
+        groups[getattr(device, key)].append(device)
+    return [groups[k] for k in sorted(groups)]
+
+
+def _has_slices(devices) -> bool:
+    return all(getattr(d, "slice_index", None) is not None for d in devices)
+
+
+def mesh_processes(mesh: Mesh) -> dict:
+    """The mesh's axis sizes and which process holds each position (``config.json``)."""
+    owner = np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)
+    return dict(axes=dict(mesh.shape), process_index=owner.tolist())
 
 
 def mesh_str(mesh: Mesh) -> str:

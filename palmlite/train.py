@@ -258,7 +258,7 @@ def _train(cfg: ModelConfig, tc: TrainConfig, run_dir: Path | None, resume: bool
         restored = ckpt.restore_latest(state, move_damaged=True)
         if restored is not None:
             start, state, _ = restored
-    info = dict(runs.run_info(cfg, tc, tokenizer, corpus, train_ds, val_ds), replaced=replaced)
+    info = dict(runs.run_info(cfg, tc, tokenizer, corpus, train_ds, val_ds, mesh), replaced=replaced)
     if retrieved is not None:
         info["retrieval"] = retrieved.to_dict()
     if run_dir is not None and jax.process_index() == 0:

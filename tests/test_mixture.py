@@ -17,7 +17,7 @@ from palmlite.config import (BALANCE_SCOPES, ROUTINGS, ModelConfig, MoEConfig, T
 from palmlite.corpora import Mixture, load_corpus
 from palmlite.data import TokenDataset
 from palmlite.evaluate import evaluate, evaluate_domains
-from palmlite.mixture import GOLDEN, MixtureDataset
+from palmlite.mixture import GOLDEN, MixtureDataset, domain_windows, mixed_windows
 from palmlite.model import Transformer
 from palmlite.moe import route
 from palmlite.tokenizer import ByteTokenizer
@@ -108,20 +108,58 @@ def test_the_weyl_sequence_is_what_assigns_the_domains(mixture):
 
 # ---- per-domain evaluation ------------------------------------------------------------------
 def test_per_domain_losses_equal_each_domain_evaluated_alone(mixture, val):
+    """A dense model's rows do not interact: the mixed batches' per-domain losses are each
+    domain's own windows evaluated alone."""
     model = Transformer(ModelConfig(**TINY), rngs=nnx.Rngs(0))
     got = evaluate_domains(model, val, 32, batch_size=4, max_batches=2)
-    for name, component in zip(val.names, mixture.components):
-        alone = evaluate(model, TokenDataset(component, ByteTokenizer(), split="validation"),
-                         32, batch_size=4, max_batches=2)
-        assert got["val_loss_by_domain"][name] == pytest.approx(alone["loss"], rel=1e-6)
+    counts = np.bincount(mixed_windows(val, 32, 8)["domains"], minlength=2)
+    assert counts.sum() == 8 and (counts > 0).all()
+    for name, component, n in zip(val.names, mixture.components, counts):
+        part = TokenDataset(component, ByteTokenizer(), split="validation")
+        alone = evaluate(model, part, 32, batch_size=1, max_batches=int(n))
+        assert got["val_loss_by_domain"][name] == pytest.approx(alone["loss"], rel=1e-5)
         assert got["val_bits_per_byte_by_domain"][name] == pytest.approx(alone["bits_per_byte"],
-                                                                         rel=1e-6)
+                                                                         rel=1e-5)
     losses = got["val_loss_by_domain"]
     assert got["val_loss"] == pytest.approx(0.6 * losses["pydocs"] +
                                             0.4 * losses["arithmetic:n=3000,lines=8"])
     bpt = [d.bytes_per_token for d in val.domains]
     assert got["val_bits_per_byte"] == pytest.approx(
         got["val_loss"] / np.log(2) / (0.6 * bpt[0] + 0.4 * bpt[1]))
+
+
+def test_mixed_windows_follow_the_training_order_and_stop_before_a_domain_runs_out(val):
+    w = mixed_windows(val, 32, 10)
+    np.testing.assert_array_equal(w["domains"], val.batches(1, 32).domains_of(np.arange(10)))
+    for d, own in enumerate(domain_windows(val, 32)):
+        np.testing.assert_array_equal(w["tokens"][w["domains"] == d],
+                                      own["tokens"][:(w["domains"] == d).sum()])
+    every = mixed_windows(val, 32)
+    used = np.bincount(every["domains"], minlength=2)
+    available = [len(own["tokens"]) for own in domain_windows(val, 32)]
+    assert (used <= available).all() and (used == available).any()
+
+
+def test_a_domain_routed_moe_is_evaluated_under_its_training_loads():
+    """Fixed map, 2 domains, 2 experts, capacity 1.5 over groups of one batch (4 x 32
+    tokens): in mixed batches (2 + 2 or 3 + 1 rows) no expert overflows, so the capped
+    model's per-domain losses are the dropless one's. Evaluated a domain at a time, every
+    token would go to one expert and a quarter of them be dropped."""
+    mix = MixtureDataset(load_corpus("mix:pydocs=0.5,(arithmetic:n=3000,lines=8)=0.5"),
+                         ByteTokenizer(), split="validation")
+    make = lambda cap: ModelConfig(**TINY, moe=MoEConfig(
+        n_experts=2, top_k=1, every=1, routing="fixed", n_domains=2, capacity_factor=cap,
+        group_size=None if cap is None else 128))
+    capped = Transformer(make(1.5), rngs=nnx.Rngs(0))
+    graphdef, _ = nnx.split(Transformer(make(None), rngs=nnx.Rngs(1)))
+    dropless = nnx.merge(graphdef, nnx.state(capped))
+    got, want = (evaluate_domains(m, mix, 32, batch_size=4, max_batches=3) for m in (capped, dropless))
+    assert got["val_loss_by_domain"] == pytest.approx(want["val_loss_by_domain"], rel=1e-6)
+    one_domain = dict(tokens=jnp.asarray(domain_windows(mix, 32, 4)[0]["tokens"]),
+                      domains=jnp.zeros(4, jnp.int32))
+    dropped = [float(s.dropped_fraction) for s in
+               capped.forward(one_domain["tokens"][:, :-1], domains=one_domain["domains"])[2]]
+    assert dropped == pytest.approx([0.25, 0.25])
 
 
 # ---- routing toggles ---------------------------------------------------------------------

@@ -35,6 +35,7 @@ from palmlite.train import load_run
 
 STEPS, SAVE_EVERY, BATCH, SEQ = 4, 2, 8, 16
 MESH = "fsdp=8"  # ZeRO-3 over all 8 devices, whichever processes hold them
+POD_MESH = "pod=2,fsdp=4"  # two "pods" (one per process), ZeRO-3 inside each
 REL = 1e-5
 LAUNCH_TIMEOUT_S = 240
 # Every run compiles the same way, and a third faster (11 -> 7 CPU s a process): each
@@ -43,12 +44,12 @@ LAUNCH_TIMEOUT_S = 240
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
-def _train_args(docs: Path, out: Path, resume: bool = False) -> list[str]:
+def _train_args(docs: Path, out: Path, resume: bool = False, mesh: str = MESH) -> list[str]:
     sets = dict(batch_size=BATCH, seq_len=SEQ, log_every=1, eval_every=0, eval_batches=1,
                 checkpoint_every=SAVE_EVERY, keep_checkpoints=STEPS // SAVE_EVERY,
                 steps_per_call=1, val_fraction=0.2)
     return ["train", "--preset", "tiny", "--corpus", str(docs), "--tokenizer", "bytes",
-            "--steps", str(STEPS), "--out", str(out), "--quiet", "--mesh", MESH,
+            "--steps", str(STEPS), "--out", str(out), "--quiet", "--mesh", mesh,
             "--set", "model.n_layers=1", *[f"--set=train.{k}={v}" for k, v in sets.items()],
             *(["--resume"] if resume else [])]
 
@@ -86,9 +87,10 @@ def runs(tmp_path_factory):
     docs.mkdir()
     for i in range(12):  # repetitive text, as in test_train
         (docs / f"{i:02d}.txt").write_text("the cat sat on the mat. " * (20 + i))
-    paths = {name: tmp / name for name in ("ref", "two", "on_one", "on_four")}
+    paths = {name: tmp / name for name in ("ref", "two", "on_one", "on_four", "pods")}
     _launch(tmp, 1, 8, _train_args(docs, paths["ref"]))
     _launch(tmp, 2, 4, _train_args(docs, paths["two"]))
+    _launch(tmp, 2, 4, _train_args(docs, paths["pods"], mesh=POD_MESH))
     for name, (processes, devices) in dict(on_one=(1, 8), on_four=(4, 2)).items():
         shutil.copytree(paths["two"], paths[name])  # resumed from two's first checkpoint
         shutil.rmtree(paths[name] / "checkpoints" / str(STEPS))
@@ -121,6 +123,17 @@ def test_a_checkpoint_of_two_processes_resumes_on_one_and_on_four(runs):
     ref = _metrics(runs["ref"])
     for name in ("on_one", "on_four"):
         _assert_same_training(_metrics(runs[name]), ref)
+
+
+@pytest.mark.slow
+def test_two_pods_of_one_process_each_train_as_one_mesh_does(runs):
+    """PaLM §4's layout: the pod axis is the processes (the slow network), ZeRO-3 inside
+    each pod; the gradients cross pods once a step and the training is the same."""
+    _assert_same_training(_metrics(runs["pods"]), _metrics(runs["ref"]))
+    mesh = json.loads((runs["pods"] / "config.json").read_text())["device"]["mesh"]
+    assert mesh["axes"] == dict(pod=2, data=1, fsdp=4, tensor=1, expert=1)
+    owner = np.asarray(mesh["process_index"]).reshape(2, 4)  # pod x fsdp
+    assert (owner == [[0] * 4, [1] * 4]).all()  # each pod one process's devices
 
 
 @pytest.mark.slow

@@ -28,7 +28,8 @@ MODEL = pl.ModelConfig(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim
 TRAIN = pl.TrainConfig(tokenizer="bytes", batch_size=8, seq_len=16)
 Z_LOSS = 1e-4
 # spec -> devices used: pure tensor and expert parallelism on 4 of the 8 devices.
-MESHES = {"data=8": 8, "fsdp=8": 8, "tensor=4": 4, "expert=4": 4, "data=2,fsdp=2,tensor=2": 8}
+MESHES = {"data=8": 8, "fsdp=8": 8, "tensor=4": 4, "expert=4": 4, "data=2,fsdp=2,tensor=2": 8,
+          "pod=2,data=2,tensor=2": 8}
 PICKED = ("params.embed_VxD", "params.blocks.0.attn.q.kernel", "params.blocks.0.attn.k.kernel",
           "params.blocks.0.mlp.shared.down.kernel", "params.blocks.0.mlp.up_ExDxF",
           "params.blocks.0.mlp.router_DxE", "opt.1.0.mu.blocks.0.attn.q.kernel")
@@ -45,9 +46,14 @@ EXPECTED_SPECS = {
     "data=2,fsdp=2,tensor=2": [["tensor", "fsdp"], ["fsdp", "tensor", None],
                                ["fsdp", "tensor", None], ["tensor", "fsdp"],
                                [None, "fsdp", "tensor"], ["fsdp", None], ["fsdp", "tensor", None]],
+    # PaLM's two pods: the pod axis, like data, only splits the batch
+    "pod=2,data=2,tensor=2": [["tensor", None], [None, "tensor", None], [None, "tensor", None],
+                              ["tensor", None], [None, None, "tensor"], [None, None],
+                              [None, "tensor", None]],
 }
 EXPECTED_BATCH = {"data=8": ["data", None], "fsdp=8": ["fsdp", None], "tensor=4": [None, None],
-                  "expert=4": ["expert", None], "data=2,fsdp=2,tensor=2": [["data", "fsdp"], None]}
+                  "expert=4": ["expert", None], "data=2,fsdp=2,tensor=2": [["data", "fsdp"], None],
+                  "pod=2,data=2,tensor=2": [["pod", "data"], None]}
 
 
 def _spec_lists(rows: list[dict]) -> dict[str, list]:
@@ -70,12 +76,12 @@ def test_mesh_specs_parse_and_fill():
     assert sharding.parse_mesh_spec("data=2, fsdp=2,tensor=2") == dict(data=2, fsdp=2, tensor=2)
     assert sharding.parse_mesh_spec(None) == {"data": -1}
     mesh = sharding.make_mesh("data=-1")  # the one device of this process
-    assert dict(mesh.shape) == dict(data=1, fsdp=1, tensor=1, expert=1)
-    assert sharding.mesh_str(mesh) == "data=1,fsdp=1,tensor=1,expert=1"
+    assert dict(mesh.shape) == dict(pod=1, data=1, fsdp=1, tensor=1, expert=1)
+    assert sharding.mesh_str(mesh) == "pod=1,data=1,fsdp=1,tensor=1,expert=1"
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("data=2,model=4", r"unknown axis \['model'\]; the axes are \('data', 'fsdp', 'tensor'"),
+    ("data=2,model=4", r"unknown axis \['model'\]; the axes are \('pod', 'data', 'fsdp'"),
     ("data", "AXIS=SIZE"),
     ("data=two", "integer"),
     ("data=0", "positive integer or -1"),
@@ -88,6 +94,21 @@ def test_mesh_specs_parse_and_fill():
 def test_bad_mesh_specs_raise_clear_errors(spec, message):
     with pytest.raises(ValueError, match=message):
         sharding.make_mesh(spec)
+
+
+class _Device:  # what pod_granules reads of a device
+    def __init__(self, id, process_index, slice_index=None):
+        self.id, self.process_index, self.slice_index = id, process_index, slice_index
+
+
+def test_pods_are_slices_where_devices_have_them_and_processes_otherwise():
+    hosts = [_Device(i, process_index=i // 2) for i in range(8)]  # 4 processes x 2
+    assert [[d.id for d in g] for g in sharding.pod_granules(hosts)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    slices = [_Device(i, process_index=i // 2, slice_index=i // 4) for i in range(8)]  # 2 slices
+    assert [[d.id for d in g] for g in sharding.pod_granules(slices)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    with pytest.raises(ValueError, match=r"pod=2 needs the devices of 2 slices .* come from 4; "
+                                         r"use pod=4"):
+        sharding.make_mesh("pod=2,data=4", hosts)
 
 
 def test_train_config_checks_the_mesh_syntax_before_anything_runs():
@@ -107,7 +128,7 @@ def test_rules_give_each_strategy_its_layout(spec):
 
 
 def test_rules_can_be_overridden_and_are_validated():
-    mesh = AbstractMesh((1, 4, 1, 1), sharding.AXES)
+    mesh = AbstractMesh((1, 1, 4, 1, 1), sharding.AXES)
     spec = lambda names, shape, rules: sharding.partition_spec(names, shape, mesh,
                                                                sharding.make_rules(rules))
     assert spec(("embed", "mlp"), (32, 64), None) == sharding.P("fsdp", None)
