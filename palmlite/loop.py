@@ -34,7 +34,8 @@ class TrainingLoop:
         self.metrics: list[dict] = []
         peak = device_peak_flops(jax.devices()[0].device_kind)
         # Without a mesh the step runs on one device, whatever the machine has.
-        n_devices = 1 if batch_sharding is None else jax.tree.leaves(batch_sharding)[0].mesh.size
+        self.mesh = None if batch_sharding is None else jax.tree.leaves(batch_sharding)[0].mesh
+        n_devices = 1 if self.mesh is None else self.mesh.size
         self.peak = None if peak is None else peak * n_devices
         self.flops_per_token = flops_per_token(cfg, tc.seq_len)
         self.hardware_flops = hardware_flops_per_token(cfg, tc.seq_len)  # + remat's recompute
@@ -177,6 +178,11 @@ class TrainingLoop:
                                       jax.tree.map(np.shape, b))
         run = lambda windows, put: evaluate(model, self.val_ds, tc.seq_len, tc.batch_size,
                                             tc.eval_batches, put=put, windows=windows)
+        with sharding.tracing_on(self.mesh):  # the model's layout hints, as in training
+            return self._evaluate_on(model, place, run)
+
+    def _evaluate_on(self, model, place, run) -> dict:
+        tc = self.tc
         if isinstance(self.val_ds, MixtureDataset):
             return evaluate_domains(model, self.val_ds, tc.seq_len, tc.batch_size,
                                     tc.eval_batches, put=place)

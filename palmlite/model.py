@@ -18,6 +18,7 @@ from palmlite.config import ModelConfig
 from palmlite.layers import Norm, check_ids, normal_param
 from palmlite.mlp import MLP
 from palmlite.moe import MoE, MoEStats
+from palmlite.sharding import constrain
 from palmlite import retro
 
 # What a rematerialised block keeps from its forward pass (jax.checkpoint policies):
@@ -194,7 +195,11 @@ class Transformer(nnx.Module):
 
     def embed(self, tokens_BxT: jax.Array, positions_BxT: jax.Array) -> jax.Array:
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-        x_BxTxD = self.embed_VxD[...][tokens_BxT].astype(dtype)
+        # FSDP gathers the table before the lookup, as it does every weight before its matmul:
+        # the lookup's gradient is then summed on each device and reduce-scattered, where a
+        # d_model-split table would need the batch-split gradient all-gathered first.
+        table_VxD = constrain(self.embed_VxD[...], ("vocab", None))
+        x_BxTxD = table_VxD[tokens_BxT].astype(dtype)
         if cfg.position == "learned":
             x_BxTxD = x_BxTxD + self.pos_embed_TxD[...][positions_BxT].astype(dtype)
         elif cfg.position == "sinusoidal":

@@ -32,6 +32,9 @@ from flax import nnx
 from palmlite.config import ModelConfig
 from palmlite.layers import normal_param
 from palmlite.mlp import ACTIVATION_FNS, MLP
+from palmlite.sharding import constrain
+
+BUFFER = ("expert", "batch", None, None)  # the logical axes of an [E, rows, C, D] expert buffer
 
 
 class Routing(NamedTuple):
@@ -181,9 +184,13 @@ class MoE(nnx.Module):
         combine_BxTxExC = jnp.einsum("btke,btkc->btec", gates_BxTxK[..., None] * expert_BxTxKxE,
                                      slot_BxTxKxC)
         # Expert-major buffers [E, B·C, D]: each expert is one plain matmul (fast on CPU too).
-        x_ExBCxD = jnp.einsum("btec,btd->ebcd", dispatch_BxTxExC, x_BxTxD).reshape(E, B * C, -1)
-        y_ExBCxD = self.expert_ffns(x_ExBCxD, lambda x, w: jnp.einsum("emi,eio->emo", x, w))
-        y_BxTxD = jnp.einsum("btec,ebcd->btd", combine_BxTxExC, y_ExBCxD.reshape(E, B, C, -1))
+        # On a mesh: experts over the expert axis, rows over the other batch axes (GShard's
+        # all-to-all, there and back; sharding.constrain).
+        x_ExBxCxD = constrain(jnp.einsum("btec,btd->ebcd", dispatch_BxTxExC, x_BxTxD), BUFFER)
+        y_ExBCxD = self.expert_ffns(x_ExBxCxD.reshape(E, B * C, -1),
+                                    lambda x, w: jnp.einsum("emi,eio->emo", x, w))
+        y_ExBxCxD = constrain(y_ExBCxD.reshape(E, B, C, -1), BUFFER)
+        y_BxTxD = jnp.einsum("btec,ebcd->btd", combine_BxTxExC, y_ExBxCxD)
         return y_BxTxD, jnp.mean(~kept_BxTxK, dtype=jnp.float32)
 
     def grouped_dispatch(self, x_NxD: jax.Array, r: Routing) -> tuple[jax.Array, jax.Array]:
@@ -211,10 +218,12 @@ class MoE(nnx.Module):
         group_PxM = jnp.broadcast_to(jnp.arange(N // G)[:, None], row_PxM.shape)
         buffer_PxRxD = jnp.zeros((N // G, E * C + 1, D), self.dtype).at[group_PxM, row_PxM].set(
             x_NxD[token_PxM])
-        x_ExPCxD = buffer_PxRxD[:, :-1].reshape(N // G, E, C, D).transpose(1, 0, 2, 3)
-        y_ExPCxD = self.expert_ffns(x_ExPCxD.reshape(E, -1, D),
+        x_ExPxCxD = constrain(buffer_PxRxD[:, :-1].reshape(N // G, E, C, D).transpose(1, 0, 2, 3),
+                              BUFFER)
+        y_ExPCxD = self.expert_ffns(x_ExPxCxD.reshape(E, -1, D),
                                     lambda x, w: jnp.einsum("emi,eio->emo", x, w))
-        y_PxRxD = jnp.pad(y_ExPCxD.reshape(E, N // G, C, D).transpose(1, 0, 2, 3).reshape(
+        y_ExPxCxD = constrain(y_ExPCxD.reshape(E, N // G, C, D), BUFFER)
+        y_PxRxD = jnp.pad(y_ExPxCxD.transpose(1, 0, 2, 3).reshape(
             N // G, E * C, D), [(0, 0), (0, 1), (0, 0)])
         gates_PxM = r.gates_NxK.reshape(N // G, G, K).transpose(0, 2, 1).reshape(N // G, K * G)
         y_PxMxD = y_PxRxD[group_PxM, row_PxM] * (gates_PxM * kept_PxM).astype(self.dtype)[..., None]

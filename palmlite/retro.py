@@ -41,6 +41,7 @@ from palmlite.attention import apply_rope
 from palmlite.config import ModelConfig
 from palmlite.layers import Dense, Norm, check_ids, normal_param
 from palmlite.mlp import MLP
+from palmlite.sharding import constrain
 
 
 def encoder_config(cfg: ModelConfig) -> ModelConfig:
@@ -144,7 +145,8 @@ class RetroEncoder(nnx.Module):
         (B, C, J, R), M = nbr_BxCxJxR.shape, h_BxCxMxD.shape[2]
         check_ids("neighbour token id", nbr_BxCxJxR, self.vocab_size)
         table_VxW = decoder_embed_VxD if self.shared else self.embed_VxW
-        e_GxRxW = table_VxW[...][nbr_BxCxJxR.reshape(B * C * J, R)].astype(self.dtype)
+        table_VxW = constrain(table_VxW[...], ("vocab", None))  # gathered, as Transformer.embed
+        e_GxRxW = table_VxW[nbr_BxCxJxR.reshape(B * C * J, R)].astype(self.dtype)
         h_BCxMxD = h_BxCxMxD.reshape(B * C, M, -1)  # what chunk u's neighbours attend to
         for layer in self.layers:
             e_GxRxW = layer(e_GxRxW, h_BCxMxD)

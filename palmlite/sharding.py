@@ -33,6 +33,8 @@ whose rank differs from their parameter's) is replicated.
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
 import math
 import os
 from typing import Any
@@ -187,6 +189,31 @@ def partition_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh: 
     return P(*spec)
 
 
+def constrain(x: jax.Array, names: tuple[str | None, ...], rules: dict[str, Any] | None = None
+              ) -> jax.Array:
+    """``x`` laid out as its logical axis ``names`` say, on the mesh the step is traced for
+    (``tracing_on``); unchanged outside one, so model code calls it unconditionally."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or set(mesh.axis_names) != set(AXES):
+        return x
+    return jax.lax.with_sharding_constraint(x, partition_spec(names, x.shape, mesh,
+                                                              make_rules(rules)))
+
+
+def tracing_on(mesh: Mesh | None, fn=None):
+    """``fn`` traced with ``mesh`` as the current mesh, for ``constrain`` inside it; without
+    ``fn``, a context in which whatever is traced sees ``mesh`` (nothing for None)."""
+    if fn is None:
+        return contextlib.nullcontext() if mesh is None else \
+            jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+    @functools.wraps(fn)
+    def traced(*args):
+        with tracing_on(mesh):
+            return fn(*args)
+    return traced
+
+
 def state_shardings(tree: Any, mesh: Mesh, rules: dict[str, Any] | None = None) -> Any:
     """A NamedSharding for every array of ``tree`` (parameters, optimizer state, counters,
     concrete or abstract), from the logical axes its ``nnx.Variable`` carries."""
@@ -306,6 +333,24 @@ def bytes_per_device(tree: Any) -> dict[Any, int]:
         for shard in x.addressable_shards:
             held[shard.device] += shard.data.nbytes
     return dict(held)
+
+
+def device_slices(mesh: Mesh, arrays: dict[str, jax.Array]) -> list[dict]:
+    """One row per device of ``mesh``, in mesh order: its coordinate on each mesh axis, its
+    process, and for each named array the slices of it that device holds (``"0:4"`` along
+    a split dimension, ``":"`` along a whole one)."""
+    held = {name: x.sharding.devices_indices_map(x.shape) for name, x in arrays.items()}
+    text = lambda index, shape: ",".join(
+        ":" if (sl.start or 0) == 0 and (sl.stop is None or sl.stop == size) else
+        f"{sl.start or 0}:{sl.stop}" for sl, size in zip(index, shape))
+    rows = []
+    for coord in np.ndindex(mesh.devices.shape):
+        device = mesh.devices[coord]
+        rows.append(dict(zip(mesh.axis_names, coord), device=device.id,
+                         process=device.process_index,
+                         **{name: text(held[name][device], arrays[name].shape)
+                            for name in arrays}))
+    return rows
 
 
 def describe(tree: Any) -> list[dict]:

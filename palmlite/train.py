@@ -180,6 +180,7 @@ def make_train_step(graphdef, tx, z_loss_coef: float, state_sharding=None, batch
     if state_sharding is None:
         return jax.jit(fn, donate_argnums=0)
     mesh = jax.tree.leaves(batch_sharding)[0].mesh
+    fn = sharding.tracing_on(mesh, fn)  # for the model's layout hints (sharding.constrain)
     replicated = NamedSharding(mesh, P())
     if steps_per_call == 1:
         return jax.jit(fn, donate_argnums=0, in_shardings=(state_sharding, batch_sharding),

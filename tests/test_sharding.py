@@ -29,7 +29,7 @@ TRAIN = pl.TrainConfig(tokenizer="bytes", batch_size=8, seq_len=16)
 Z_LOSS = 1e-4
 # spec -> devices used: pure tensor and expert parallelism on 4 of the 8 devices.
 MESHES = {"data=8": 8, "fsdp=8": 8, "tensor=4": 4, "expert=4": 4, "data=2,fsdp=2,tensor=2": 8,
-          "pod=2,data=2,tensor=2": 8}
+          "pod=2,data=2,tensor=2": 8, "fsdp=2,expert=4": 8}
 PICKED = ("params.embed_VxD", "params.blocks.0.attn.q.kernel", "params.blocks.0.attn.k.kernel",
           "params.blocks.0.mlp.shared.down.kernel", "params.blocks.0.mlp.up_ExDxF",
           "params.blocks.0.mlp.router_DxE", "opt.1.0.mu.blocks.0.attn.q.kernel")
@@ -50,10 +50,15 @@ EXPECTED_SPECS = {
     "pod=2,data=2,tensor=2": [["tensor", None], [None, "tensor", None], [None, "tensor", None],
                               ["tensor", None], [None, None, "tensor"], [None, None],
                               [None, "tensor", None]],
+    # GShard: experts over expert, and each expert's weights and tokens over fsdp
+    "fsdp=2,expert=4": [[None, "fsdp"], ["fsdp", None, None], ["fsdp", None, None],
+                        [None, "fsdp"], ["expert", "fsdp", None], ["fsdp", "expert"],
+                        ["fsdp", None, None]],
 }
 EXPECTED_BATCH = {"data=8": ["data", None], "fsdp=8": ["fsdp", None], "tensor=4": [None, None],
                   "expert=4": ["expert", None], "data=2,fsdp=2,tensor=2": [["data", "fsdp"], None],
-                  "pod=2,data=2,tensor=2": [["pod", "data"], None]}
+                  "pod=2,data=2,tensor=2": [["pod", "data"], None],
+                  "fsdp=2,expert=4": [["fsdp", "expert"], None]}
 
 
 def _spec_lists(rows: list[dict]) -> dict[str, list]:
@@ -153,7 +158,7 @@ def measured(tmp_path_factory):
     proc = subprocess.run([sys.executable, __file__, str(tmp)], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.splitlines()[-1])
+    return dict(json.loads(proc.stdout.splitlines()[-1]), stderr=proc.stderr)
 
 
 @pytest.mark.slow
@@ -171,6 +176,28 @@ def test_arrays_really_are_sharded_as_the_rules_say(measured, spec):
     m = measured["meshes"][spec]
     assert m["specs"] == dict(zip(PICKED, EXPECTED_SPECS[spec]))
     assert m["batch_spec"] == EXPECTED_BATCH[spec]
+
+
+@pytest.mark.slow
+def test_no_mesh_makes_xla_replicate_a_tensor_to_reshard_it(measured):
+    """XLA's last resort when it cannot move an array from one layout to another is to
+    gather it whole on every device ("involuntary full rematerialization"): the embedding
+    gradient on a d_model-split table, and expert buffers whose rows were split over the
+    expert axis, did so until the model gave their layouts (sharding.constrain)."""
+    bad = [line[:700] for line in measured["stderr"].splitlines()
+           if "Involuntary full rematerialization" in line]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.slow
+def test_each_pod_holds_half_the_batch_and_a_whole_copy_of_the_weights(measured):
+    """pod=2,data=2,tensor=2: rows split 4 ways over (pod, data); the 4 query heads split
+    over tensor only, so device (1, d, t) holds exactly what device (0, d, t) holds."""
+    rows = measured["pod_slices"]
+    assert [(r["pod"], r["data"], r["tensor"]) for r in rows] == \
+        [(p, d, t) for p in range(2) for d in range(2) for t in range(2)]
+    assert [r["batch"] for r in rows] == [f"{2 * i}:{2 * i + 2},:" for i in range(4) for _ in "tt"]
+    assert [r["q"] for r in rows] == [":,0:2,:", ":,2:4,:"] * 4
 
 
 @pytest.mark.slow
@@ -221,7 +248,7 @@ def _measure(tmp: Path) -> dict:
         mesh = sharding.make_mesh(spec, jax.devices()[:n])
         shardings = sharding.state_shardings(state, mesh)
         batch_sh = sharding.batch_sharding(mesh, batch.shape)
-        fn = jax.jit(loss_and_grads, static_argnums=(0, 3),
+        fn = jax.jit(sharding.tracing_on(mesh, loss_and_grads), static_argnums=(0, 3),
                      in_shardings=(shardings["params"], batch_sh))
         sharded = jax.device_put(state, shardings)
         placed = sharding.place_batch(lambda rows: batch[rows], batch.shape, batch_sh)
@@ -231,6 +258,10 @@ def _measure(tmp: Path) -> dict:
             grad_rel=max(map(rel, jax.tree.leaves(grads), jax.tree.leaves(ref_grads))),
             specs=_spec_lists(sharding.describe(sharded)), batch_spec=_as_list(batch_sh.spec))
         on_mesh[spec] = fn, shardings, batch_sh, sharded
+        if spec.startswith("pod="):
+            q = next(x for path, x in jax.tree_util.tree_flatten_with_path(sharded)[0]
+                     if "attn" in str(path) and "'q'" in str(path) and "params" in str(path))
+            out["pod_slices"] = sharding.device_slices(mesh, dict(batch=placed, q=q))
 
     # Saved on fsdp=8, restored onto the 2x2x2 mesh, evaluated there.
     ckpt = Checkpointer(tmp / "ckpt", keep=1)
