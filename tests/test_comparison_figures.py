@@ -224,3 +224,26 @@ def test_pathways_with_only_dense_runs_says_so_instead_of_failing():
     assert "no routed MoE in these runs" in texts
     assert "no MoE with a dense twin in these runs" in texts
     plt.close(fig)
+
+
+def test_pathways_balance_pairs_sequence_with_batch_scope_by_seed():
+    names = ["pystdlib", "pydocs"]
+    rows = []
+    for scope, shift, mi in (("batch", 0.0, [0.2, 0.4]), ("sequence", 0.03, [0.0, 0.1])):
+        for seed in (0, 1, 2):
+            bpb = {n: 2.0 + i + shift + 0.001 * seed * (scope == "sequence") for i, n in enumerate(names)}
+            rows.append(dict(metrics=dict(runs=[dict(
+                arch="token", seed=seed, domains=names, val_bits_per_byte_by_domain=bpb,
+                specialisation=mi, model=dict(moe=dict(balance_scope=scope)))])))
+    fig = plt.figure()
+    FIGURES["pathways_balance"](rows, fig, ["balance_scope", "seed"])
+    expected = compare.difference({s: 2.03 + 0.001 * s for s in range(3)}, {s: 2.0 for s in range(3)})
+    assert f"pystdlib {expected.text('bits/byte')}" in fig._suptitle.get_text()
+    lines = {l.get_label(): l.get_ydata().tolist() for l in fig.axes[1].get_lines()}
+    assert lines == {"balance over each batch": pytest.approx([0.2, 0.4]),
+                     "balance over each sequence": pytest.approx([0.0, 0.1])}
+    plt.close(fig)
+    fig = plt.figure()  # one scope so far: the comparison panel says so
+    FIGURES["pathways_balance"](rows[:3], fig, ["seed"])
+    assert any("nothing to compare" in t.get_text() for ax in fig.axes for t in ax.texts)
+    plt.close(fig)

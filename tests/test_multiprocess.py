@@ -1,14 +1,15 @@
 """Several processes, for real: ``palmlite launch`` on this machine's CPU (issue #15).
 
-One training run, four ways, through the command line as a reader would start it:
+One training run, six ways, through the command line as a reader would start it:
 
 - ``ref``: 1 process with 8 CPU devices, the mesh ``fsdp=8`` (ZeRO-3: every weight split
   8 ways, so the gathers and reduce-scatters cross processes, and so do checkpoint shards);
 - ``two``: 2 processes x 4 devices joined by ``jax.distributed`` (gloo collectives), the same
   mesh over all 8 devices, checkpoints at steps 2 and 4;
 - ``on_one`` and ``on_four``: ``two``'s step-2 checkpoint resumed on 1 process x 8 devices
-  and on 4 processes x 2 devices (4 x 4 would be 16 devices for the same 8-row batch and
-  twice the processes on 2 cores: 4 x 2 keeps the mesh, and so the arithmetic, the same).
+  and on 4 processes x 2 devices (the same mesh, so the same arithmetic);
+- ``pods``: 2 processes x 4 devices as PaLM's two pods (``pod=2,fsdp=4``: one process a pod);
+- ``four_pods``: 4 processes x 4 devices, 16 devices as ``pod=4,fsdp=2,tensor=2``.
 
 The runs happen once (a module fixture); the tests assert on their files. The data caches
 are the test's own; compiled programs come from the user's compilation cache, as for any
@@ -36,6 +37,7 @@ from palmlite.train import load_run
 STEPS, SAVE_EVERY, BATCH, SEQ = 4, 2, 8, 16
 MESH = "fsdp=8"  # ZeRO-3 over all 8 devices, whichever processes hold them
 POD_MESH = "pod=2,fsdp=4"  # two "pods" (one per process), ZeRO-3 inside each
+FOUR_POD_MESH = "pod=4,fsdp=2,tensor=2"  # 4 processes x 4 devices: 16 devices, 2-D inside each
 REL = 1e-5
 LAUNCH_TIMEOUT_S = 240
 # Every run compiles the same way, and a third faster (11 -> 7 CPU s a process): each
@@ -87,10 +89,11 @@ def runs(tmp_path_factory):
     docs.mkdir()
     for i in range(12):  # repetitive text, as in test_train
         (docs / f"{i:02d}.txt").write_text("the cat sat on the mat. " * (20 + i))
-    paths = {name: tmp / name for name in ("ref", "two", "on_one", "on_four", "pods")}
+    paths = {name: tmp / name for name in ("ref", "two", "on_one", "on_four", "pods", "four_pods")}
     _launch(tmp, 1, 8, _train_args(docs, paths["ref"]))
     _launch(tmp, 2, 4, _train_args(docs, paths["two"]))
     _launch(tmp, 2, 4, _train_args(docs, paths["pods"], mesh=POD_MESH))
+    _launch(tmp, 4, 4, _train_args(docs, paths["four_pods"], mesh=FOUR_POD_MESH))
     for name, (processes, devices) in dict(on_one=(1, 8), on_four=(4, 2)).items():
         shutil.copytree(paths["two"], paths[name])  # resumed from two's first checkpoint
         shutil.rmtree(paths[name] / "checkpoints" / str(STEPS))
@@ -134,6 +137,16 @@ def test_two_pods_of_one_process_each_train_as_one_mesh_does(runs):
     assert mesh["axes"] == dict(pod=2, data=1, fsdp=4, tensor=1, expert=1)
     owner = np.asarray(mesh["process_index"]).reshape(2, 4)  # pod x fsdp
     assert (owner == [[0] * 4, [1] * 4]).all()  # each pod one process's devices
+
+
+@pytest.mark.slow
+def test_four_processes_of_four_devices_as_four_pods_train_as_one_does(runs):
+    """16 devices: batch over 4 pods x 2 (fsdp), heads over tensor=2 inside each pod."""
+    _assert_same_training(_metrics(runs["four_pods"]), _metrics(runs["ref"]))
+    info = json.loads((runs["four_pods"] / "config.json").read_text())["device"]
+    assert (info["count"], info["processes"]) == (16, 4)
+    owner = np.asarray(info["mesh"]["process_index"]).reshape(4, 4)  # pod x (fsdp, tensor)
+    assert (owner == np.arange(4)[:, None]).all()
 
 
 @pytest.mark.slow

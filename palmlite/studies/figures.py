@@ -18,7 +18,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from palmlite.studies import compare
-from palmlite.studies.pathways_figures import pathways
+from palmlite.studies.pathways_figures import pathways, pathways_balance
 from palmlite.studies.retro_figures import retro
 from palmlite.studies.scaling_figures import isoflop, scaling
 
@@ -343,7 +343,8 @@ def _expert_verdict(finals: dict[int, dict], speedups: dict[int, float]) -> str:
 
 FIGURES = {"ablation": ablation, "loss_curves": loss_curves, "moe_vs_dense": moe_vs_dense,
            "expert_sweep": expert_sweep,
-           "scaling": scaling, "isoflop": isoflop, "retro": retro, "pathways": pathways}
+           "scaling": scaling, "isoflop": isoflop, "retro": retro, "pathways": pathways,
+           "pathways_balance": pathways_balance}
 
 
 def caption(rows: list[dict]) -> str:

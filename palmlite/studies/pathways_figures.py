@@ -159,3 +159,50 @@ def knock_out_panel(ax, knock: dict, names: list[str]) -> None:
                   fontsize=7)
     ax.set_title("Δ validation loss (nats/token) with one expert knocked out", fontsize=8)
     ax.figure.colorbar(shown, ax=ax, fraction=0.05)
+
+
+def pathways_balance(rows: list[dict], fig, varied: list[str]) -> None:
+    """Token routing with the load-balancing loss over each sequence or over the batch
+    (``MoEConfig.balance_scope``): per-domain bits/byte, sequence minus batch, seed-paired;
+    and I(domain; expert) per layer for each scope. Every sequence is one domain, so
+    balancing each sequence forbids a domain its own experts; balancing the batch allows it."""
+    runs = defaultdict(dict)  # scope -> seed -> run
+    for run in (run for row in rows for run in row["metrics"]["runs"]):
+        runs[run["model"]["moe"]["balance_scope"]][run["seed"]] = run
+    fig.set_size_inches(11, 4.2)
+    ax_loss, ax_mi = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=[1.2, 1]))
+    names = next(iter(next(iter(runs.values())).values()))["domains"]
+    final = lambda scope, name: {s: r["val_bits_per_byte_by_domain"][name]
+                                 for s, r in runs.get(scope, {}).items()}
+    if {"sequence", "batch"} <= set(runs):
+        diffs = {n: compare.difference(final("sequence", n), final("batch", n)) for n in names}
+        _scope_panel(ax_loss, diffs, names)
+        fig.suptitle("Per-domain validation, balance over each sequence minus over the batch:\n"
+                     + "; ".join(f"{_short(n)} {d.text('bits/byte')}" for n, d in diffs.items()),
+                     fontsize=8)
+    else:
+        _empty(ax_loss, f"only balance_scope={sorted(runs)} in these runs: nothing to compare")
+    for i, scope in enumerate(sorted(runs)):
+        mi = np.array([r["specialisation"] for r in runs[scope].values()])  # seeds x L
+        layers = np.arange(1, mi.shape[1] + 1)
+        ax_mi.plot(layers, mi.mean(0), "os"[i % 2] + "-", color=f"C{i}",
+                   label=f"balance over each {scope}")
+        ax_mi.fill_between(layers, mi.min(0), mi.max(0), color=f"C{i}", alpha=0.2)
+        ax_mi.set_xticks(layers)
+    ax_mi.set_xlabel("MoE layer")
+    ax_mi.set_ylabel("I(domain; expert), bits (seed mean, range)")
+    ax_mi.legend(fontsize=7)
+
+
+def _scope_panel(ax, diffs: dict, names: list[str]) -> None:
+    d = [diffs[n] for n in names]
+    x = np.arange(len(names))
+    ax.bar(x, [v.diff for v in d], 0.6, color="C0")
+    if all(v.low is not None for v in d):
+        ax.errorbar(x, [v.diff for v in d], yerr=[[v.diff - v.low for v in d],
+                                                  [v.high - v.diff for v in d]],
+                    fmt="none", ecolor="k", capsize=3, lw=0.8)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(x, [_short(n) for n in names], fontsize=8)
+    ax.set_ylabel("final validation bits/byte, sequence − batch\n"
+                  f"(seed-paired mean, {compare.LEVEL:.0%} interval)")
