@@ -28,6 +28,12 @@ failing; PaLM §4 replicates its single K/V head the same way. Optimizer moments
 parameters (optax maps over the parameter tree, so they carry the same annotations) and get
 the same sharding; anything else (step counters, Adafactor's factored row/column moments,
 whose rank differs from their parameter's) is replicated.
+
+Activations are XLA's to lay out, except where it cannot infer a good layout and would
+gather a whole tensor on every device instead ("involuntary full rematerialization"): there
+the model names the logical axes of the array (``constrain``: embedding tables gathered
+before the lookup, expert buffers split over experts), resolved by the same rules on the
+mesh the step is traced for (``tracing_on``) and ignored off a mesh.
 """
 
 from __future__ import annotations
