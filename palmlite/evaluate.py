@@ -62,7 +62,8 @@ def evaluate_domains(model, dataset, seq_len: int, batch_size: int = 8,
                             max_batches * batch_size)
     n_full = len(windows["domains"]) // batch_size * batch_size
     rows = lambda i: jax.tree.map(lambda x: x[i:i + batch_size], windows)
-    loss_N = np.concatenate([np.asarray(_row_losses(model, put(rows(i))))
+    row_loss = lambda b: jnp.mean(_token_losses(model, b["tokens"], domains=b["domains"]), -1)
+    loss_N = np.concatenate([np.asarray(row_loss(put(rows(i))))
                              for i in range(0, n_full, batch_size)] or [np.zeros(0)])
     domains_N = windows["domains"][:n_full]
     by_domain = {}
@@ -79,19 +80,12 @@ def evaluate_domains(model, dataset, seq_len: int, batch_size: int = 8,
                                              zip(dataset.names, dataset.domains)})
 
 
-@nnx.jit
-def _row_losses(model, batch):
-    """Mean next-token loss of each row [B], in nats."""
-    tokens_BxT1 = batch["tokens"]
-    logits_BxTxV = model(tokens_BxT1[:, :-1], domains=batch["domains"]).astype(jnp.float32)
-    target_BxT = jnp.take_along_axis(logits_BxTxV, tokens_BxT1[:, 1:, None], axis=-1)[..., 0]
-    return jnp.mean(jax.nn.logsumexp(logits_BxTxV, axis=-1) - target_BxT, axis=-1)
-
-
 # ---- RETRO §2.6: how much of retrieval's gain is copying ----------------------------------
 @nnx.jit
-def _token_losses(model, tokens_BxT1, neighbours):
-    logits_BxTxV = model(tokens_BxT1[:, :-1], neighbours=neighbours).astype(jnp.float32)
+def _token_losses(model, tokens_BxT1, **inputs):
+    """Each next-token loss [B, T], in nats; ``inputs``: the model's other inputs
+    (RETRO's ``neighbours``, a mixture's ``domains``)."""
+    logits_BxTxV = model(tokens_BxT1[:, :-1], **inputs).astype(jnp.float32)
     target_BxT = jnp.take_along_axis(logits_BxTxV, tokens_BxT1[:, 1:, None], axis=-1)[..., 0]
     return jax.nn.logsumexp(logits_BxTxV, axis=-1) - target_BxT
 
@@ -116,7 +110,7 @@ def chunk_losses(model, windows, chunk_size: int, batch_size: int = 8,
         nbr = windows["neighbours"][i:i + batch_size] if retrieval and \
             isinstance(windows, dict) else None
         losses_BxT = np.asarray(_token_losses(model, jnp.asarray(tokens[i:i + batch_size]),
-                                              None if nbr is None else jnp.asarray(nbr)))
+                                              neighbours=None if nbr is None else jnp.asarray(nbr)))
         # positions M-1 .. T-2 in rows of M: row u-1 holds chunk u's targets
         out.append(losses_BxT[:, M - 1:T - 1].reshape(len(losses_BxT), T // M - 1, M).mean(-1))
     return np.concatenate(out)

@@ -141,7 +141,7 @@ def mixed_windows(dataset: MixtureDataset, seq_len: int,
     the domain (``MoEConfig.routing``) sees, in a batch of one domain, every token sent to
     the same experts, which overflow their capacity and drop tokens they never dropped in
     training, whose batches were mixed like these."""
-    per_domain = domain_windows(dataset, seq_len)
+    per_domain = domain_windows(dataset, seq_len, max_windows)  # no domain serves more rows
     available = [len(w["tokens"]) for w in per_domain]
     n = sum(available) if max_windows is None else max_windows
     domains_N = MixtureBatches(dataset, 1, seq_len).domains_of(np.arange(n))
