@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from palmlite.config import TrainConfig
 from palmlite.train import init_state, make_train_step
+from palmlite.train_config import TrainConfig
 from train_step import GPT2, model_config
 
 SHAPES = {"i": dict(n_layers=2, n_heads=4, d_model=64, vocab_size=259, seq=128, batch=16),

@@ -52,9 +52,9 @@ import numpy as np
 import palmlite as pl
 from jax.sharding import NamedSharding, PartitionSpec as P
 from palmlite import sharding
-from palmlite.config import TrainConfig
 from palmlite.generate import median_seconds
 from palmlite.train import init_state, make_train_step
+from palmlite.train_config import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also under `python -m benchmarks....`
 from train_step import CPU_SHAPES, GPT2, model_config  # noqa: E402

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from palmlite import layers, presets
-from palmlite.config import TrainConfig
+from palmlite.train_config import TrainConfig
 
 from retro_step import compiled_step
 from train_step import CPU_SHAPES, GPT2, PALM, model_config

@@ -18,8 +18,8 @@ import time
 import jax
 
 import palmlite as pl
-from palmlite.config import TrainConfig
 from palmlite.train import init_state, make_train_step
+from palmlite.train_config import TrainConfig
 
 BATCH, SEQ = 16, 128
 

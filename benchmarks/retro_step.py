@@ -20,8 +20,8 @@ import jax
 
 from palmlite import presets
 from palmlite.accounting import count_params, flops_per_token
-from palmlite.config import TrainConfig
 from palmlite.train import init_state, make_train_step
+from palmlite.train_config import TrainConfig
 
 
 def compiled_step(cfg, tc):

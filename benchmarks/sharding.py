@@ -22,8 +22,8 @@ import numpy as np
 
 import palmlite as pl
 from palmlite import sharding
-from palmlite.config import TrainConfig
 from palmlite.train import init_state, make_train_step
+from palmlite.train_config import TrainConfig
 
 SHAPES = {  # train_step.py's CPU shape (a), and a smaller one where fixed costs weigh more
     "a": dict(n_layers=4, n_heads=4, d_model=128, vocab_size=65, seq=64, batch=12),

@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 
 import palmlite as pl
-from palmlite.config import TrainConfig
 from palmlite.generate import median_seconds
 from palmlite.train import init_state, make_train_step
+from palmlite.train_config import TrainConfig
 
 GPT2 = dict(position="learned", activation="gelu", block="serial", norm="layernorm",
             tie_embeddings=True, use_bias=True, kv="mha")

@@ -10,10 +10,11 @@ from palmlite import presets, sharding
 from palmlite.accounting import (PEAK_FLOPS, count_params, device_peak_flops, flops_per_token,
                                  kv_cache_bytes_per_token, mfu)
 from palmlite.attention import KVCache, init_cache
-from palmlite.config import ModelConfig, MoEConfig, TrainConfig
+from palmlite.config import ModelConfig, MoEConfig
 from palmlite.losses import cross_entropy_and_z_loss
 from palmlite.model import Transformer
 from palmlite.presets import dense_twin, moe_twin
+from palmlite.train_config import TrainConfig
 
 
 __all__ = [

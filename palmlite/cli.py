@@ -42,8 +42,8 @@ def presets_table() -> str:
 
 
 def _train(args) -> None:
-    from palmlite.config import TrainConfig, parse_overrides
     from palmlite.train import train
+    from palmlite.train_config import TrainConfig, parse_overrides
     budget = dict(steps=args.steps) if args.tokens is None else dict(steps=None, tokens=args.tokens)
     tc = TrainConfig(corpus=args.corpus, tokenizer=args.tokenizer, quiet=args.quiet,
                      mesh=args.mesh, **budget)

@@ -33,8 +33,8 @@ import urllib.request
 from pathlib import Path
 
 from palmlite import arithmetic
-from palmlite.config import MIXTURES, mixture_spec, parse_mixture
 from palmlite.files import atomic_path, cache_dir, sha256_file
+from palmlite.train_config import MIXTURES, mixture_spec, parse_mixture
 
 OFFLINE = ("pystdlib", "pydocs", "arithmetic")
 

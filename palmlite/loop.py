@@ -18,9 +18,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from palmlite import runs, sharding
 from palmlite.accounting import device_peak_flops, flops_per_token, hardware_flops_per_token
-from palmlite.config import TrainConfig
 from palmlite.evaluate import evaluate, evaluate_domains
 from palmlite.mixture import MixtureDataset
+from palmlite.train_config import TrainConfig
 
 
 class TrainingLoop:

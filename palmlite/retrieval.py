@@ -518,8 +518,9 @@ class RetroData:
     @classmethod
     def of_run(cls, info: dict) -> "RetroData":
         """The retrieval a run trained with, rebuilt from its config.json (``info``)."""
-        from palmlite.config import ModelConfig, TrainConfig
+        from palmlite.config import ModelConfig
         from palmlite.train import datasets
+        from palmlite.train_config import TrainConfig
         cfg, tc = ModelConfig.from_dict(info["model"]), TrainConfig.from_dict(info["train"])
         _, _, train_ds, val_ds = datasets(tc)
         return cls(cfg.retro, tc, train_ds, val_ds)

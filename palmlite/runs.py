@@ -18,9 +18,10 @@ from pathlib import Path
 import jax
 
 from palmlite import __version__
-from palmlite.config import ModelConfig, TrainConfig
+from palmlite.config import ModelConfig
 from palmlite.files import atomic_write_text
 from palmlite.sharding import mesh_processes
+from palmlite.train_config import TrainConfig
 
 # Fields that may differ when resuming (they do not change what is computed).
 RESUMABLE_CHANGES = {"steps", "tokens", "stop_after", "log_every", "eval_every",

@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from palmlite.accounting import count_params, flops_per_token
 from palmlite.attention import check_platform
 from palmlite.checkpoint import Checkpointer
-from palmlite.config import ModelConfig, TrainConfig
+from palmlite.config import ModelConfig
 from palmlite.corpora import Mixture
 from palmlite.data import TokenDataset, get_tokenizer, load_corpus
 from palmlite.files import COMPILATION_CACHE_COUNTS, atomic_write_text
@@ -44,6 +44,7 @@ from palmlite.loop import TrainingLoop
 from palmlite.mixture import MixtureDataset
 from palmlite.model import Transformer
 from palmlite.moe import moe_stats
+from palmlite.train_config import TrainConfig
 from palmlite import retro, schedules
 from palmlite import presets
 from palmlite import runs

@@ -4,7 +4,8 @@ import re
 import pytest
 
 from palmlite import ModelConfig
-from palmlite.config import TOGGLES, TrainConfig, parse_overrides, run_intervals
+from palmlite.config import TOGGLES
+from palmlite.train_config import TrainConfig, parse_overrides, run_intervals
 
 # (field expected in the message, changes): each is one kind of impossible config.
 BAD_CONFIGS = [

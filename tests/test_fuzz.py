@@ -10,9 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from palmlite import presets
-from palmlite.config import ModelConfig, MoEConfig, TrainConfig, parse_overrides
+from palmlite.config import ModelConfig, MoEConfig
 from palmlite.corpora import arithmetic_corpus
 from palmlite.studies import load_study
+from palmlite.train_config import TrainConfig, parse_overrides
 
 KEYS = ([f"model.{f.name}" for f in dataclasses.fields(ModelConfig)]
         + [f"model.moe.{f.name}" for f in dataclasses.fields(MoEConfig)]

@@ -12,8 +12,7 @@ from flax import nnx
 
 from palmlite import routing
 from palmlite.accounting import count_params
-from palmlite.config import (BALANCE_SCOPES, ROUTINGS, ModelConfig, MoEConfig, TrainConfig,
-                             parse_mixture)
+from palmlite.config import BALANCE_SCOPES, ROUTINGS, ModelConfig, MoEConfig
 from palmlite.corpora import Mixture, load_corpus
 from palmlite.data import TokenDataset
 from palmlite.evaluate import evaluate, evaluate_domains
@@ -22,6 +21,7 @@ from palmlite.model import Transformer
 from palmlite.moe import route
 from palmlite.tokenizer import ByteTokenizer
 from palmlite.train import train
+from palmlite.train_config import TrainConfig, parse_mixture
 
 MIX = "mix:pydocs=0.6,(arithmetic:n=3000,lines=8)=0.4"
 TINY = dict(vocab_size=259, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=64,

@@ -8,11 +8,11 @@ from flax import nnx
 
 from palmlite import (ModelConfig, MoEConfig, Transformer, count_params, dense_twin,
                       flops_per_token, moe_twin, presets)
-from palmlite.config import TrainConfig, parse_overrides
 from palmlite.generate import generate_tokens
 from palmlite.mlp import MLP
 from palmlite.moe import MoE, capacity, moe_stats, route
 from palmlite.train import compute_loss, train
+from palmlite.train_config import TrainConfig, parse_overrides
 
 SMALL = dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
              max_seq_len=16)

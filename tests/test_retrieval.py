@@ -292,8 +292,9 @@ def test_neighbour_windows_follow_the_evaluation_windows(train):
 
 
 def test_for_training_is_what_a_retro_run_reads(train):
-    from palmlite.config import RetroConfig, TrainConfig
+    from palmlite.config import RetroConfig
     from palmlite.retrieval import for_training
+    from palmlite.train_config import TrainConfig
     valid = TokenDataset(toy_corpus(), ByteTokenizer(), split="validation", val_fraction=0.2)
     retro = RetroConfig(chunk_size=M, n_neighbours=2)
     tc = TrainConfig(corpus="toy", tokenizer="bytes", batch_size=3, seq_len=SEQ_LEN,
@@ -323,8 +324,8 @@ class OtherTokenizer(ByteTokenizer):
 def run_dir(tmp_path_factory):
     """A tiny trained run (bytes tokenizer, two steps): a frozen embedder."""
     from palmlite import ModelConfig
-    from palmlite.config import TrainConfig
     from palmlite.train import train as train_run
+    from palmlite.train_config import TrainConfig
     root = tmp_path_factory.mktemp("run")
     docs = root / "docs"
     docs.mkdir()

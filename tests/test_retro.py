@@ -13,9 +13,10 @@ from flax import nnx
 from palmlite import presets, retro
 from palmlite.accounting import (count_params, embedding_params, flops_per_token,
                                  retro_flops_per_token, retro_params)
-from palmlite.config import ModelConfig, RetroConfig, TrainConfig, parse_overrides
+from palmlite.config import ModelConfig, RetroConfig
 from palmlite.generate import retro_generate_tokens
 from palmlite.model import Transformer
+from palmlite.train_config import TrainConfig, parse_overrides
 
 M, J = 8, 2  # chunk size, neighbours
 

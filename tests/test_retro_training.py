@@ -9,10 +9,11 @@ import pytest
 from flax import nnx
 
 from palmlite import retro
-from palmlite.config import ModelConfig, RetroConfig, TrainConfig
+from palmlite.config import ModelConfig, RetroConfig
 from palmlite.evaluate import chunk_losses, leakage_curve, target_overlap
 from palmlite.model import Transformer
 from palmlite.train import datasets, load_run, train
+from palmlite.train_config import TrainConfig
 
 M = 8
 BASE = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=32)

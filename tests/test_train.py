@@ -11,11 +11,11 @@ from flax import nnx
 
 from palmlite import ModelConfig, cli
 from palmlite import train as train_module
-from palmlite.config import TrainConfig, parse_overrides
 from palmlite.data import Batches
 from palmlite.schedules import make_schedule
 from palmlite.checkpoint import Checkpointer
 from palmlite.train import init_state, load_run, train
+from palmlite.train_config import TrainConfig, parse_overrides
 
 MODEL = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=32)
 
