@@ -68,7 +68,7 @@ def _generate(args) -> None:
     model, tokenizer, info = load_run(args.run)
     retrieve = None
     if model.cfg.retro is not None:  # RETRO: the run's database, keys and index, rebuilt
-        from palmlite.retrieval import RetroData
+        from palmlite.retro_data import RetroData
         retrieve = False if args.no_retrieval else RetroData.of_run(info).retrieve
     print(generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

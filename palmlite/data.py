@@ -204,7 +204,7 @@ class Batches:
 
     def window_starts(self, step: int, rows: slice = slice(None)) -> np.ndarray:
         """Flat token offsets of the windows of ``step``'s batch (or of its ``rows``): each a
-        multiple of seq_len (RETRO's neighbours are looked up by window: ``palmlite.retrieval``)."""
+        multiple of seq_len (RETRO's neighbours are looked up by window: ``palmlite.retro_data``)."""
         g = step * self.batch_size + np.arange(self.batch_size)[rows]  # global window indices
         return self.starts_of(g)
 

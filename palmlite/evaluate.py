@@ -1,4 +1,9 @@
-"""Validation loss, perplexity and bits per byte over consecutive windows of a dataset."""
+"""Validation loss, perplexity and bits per byte over consecutive windows of a dataset.
+
+RETRO's leakage (Borgeaud et al. 2021, §2.6): ``chunk_overlap`` is r(C), the longest token
+substring a chunk shares with any of its neighbours, as a fraction of the chunk. Losses
+reported over chunks with r(C) <= alpha (``leakage_curve``) separate retrieval from copying.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ def evaluate(model, dataset, seq_len: int, batch_size: int = 8,
     moves each [batch_size, seq_len + 1] numpy batch to the devices (training on a mesh
     passes its sharded placement, which several hosts need). ``windows``: the windows to
     use instead of ``dataset.windows``, e.g. RETRO's dict of tokens and their neighbours
-    (``palmlite.retrieval``).
+    (``palmlite.retro_data``).
     """
     put = put or (lambda batch: jax.tree.map(jnp.asarray, batch))
     n_max = None if max_batches is None else max_batches * batch_size
@@ -80,6 +85,49 @@ def evaluate_domains(model, dataset, seq_len: int, batch_size: int = 8,
                                              zip(dataset.names, dataset.domains)})
 
 
+# ---- leakage (RETRO §2.6) -----------------------------------------------------------------
+def _longest_common_runs(a_QxM: np.ndarray, b_QxJxR: np.ndarray) -> np.ndarray:
+    """int [Q, J]: the longest run of consecutive tokens a[q] shares with each b[q, j].
+    Dynamic programming over a's positions, vectorised over queries, neighbours and b's
+    positions: run[j, r] = run_prev[j, r - 1] + 1 where a[i] == b[j, r], else 0."""
+    Q, M = a_QxM.shape
+    J, R = b_QxJxR.shape[1:]
+    best = np.zeros((Q, J), np.int64)
+    run = np.zeros((Q, J, R + 1), np.int32)  # column 0: the empty prefix
+    for i in range(M):
+        same = a_QxM[:, i, None, None] == b_QxJxR
+        run[..., 1:] = np.where(same, run[..., :-1] + 1, 0)
+        np.maximum(best, run.max(-1), out=best)
+    return best
+
+
+def longest_common_substring(a_tokens, b_tokens) -> int:
+    """The length of the longest run of consecutive tokens shared by two token sequences."""
+    a, b = np.asarray(a_tokens), np.asarray(b_tokens)
+    if a.ndim != 1 or b.ndim != 1:
+        raise ValueError(f"a_tokens and b_tokens must be 1-d token sequences, got shapes "
+                         f"{a.shape} and {b.shape}")
+    if not a.size or not b.size:
+        return 0
+    return int(_longest_common_runs(a[None], b[None, None])[0, 0])
+
+
+def chunk_overlap(chunks_QxM, neighbour_values_QxJxR) -> np.ndarray:
+    """float [Q]: RETRO's r(C) (§2.6), the longest token substring each chunk shares with any
+    of its neighbours, divided by the chunk size M. r(C) <= 0.125 at M = 64: fewer than 8
+    consecutive tokens in common."""
+    chunks, values = np.asarray(chunks_QxM), np.asarray(neighbour_values_QxJxR)
+    if chunks.ndim != 2 or values.ndim != 3 or values.shape[0] != chunks.shape[0]:
+        raise ValueError(f"chunks_QxM must be [Q, M] and neighbour_values_QxJxR [Q, J, R] with "
+                         f"one Q, got {chunks.shape} and {values.shape}")
+    if not chunks.size or not values.shape[1] or not values.shape[2]:
+        return np.zeros(chunks.shape[0])
+    step = max(1, 2**24 // max(1, values[0].size))  # queries per block: bounded memory
+    runs = np.concatenate([_longest_common_runs(chunks[i:i + step], values[i:i + step])
+                           for i in range(0, len(chunks), step)])
+    return runs.max(1) / chunks.shape[1]
+
+
 # ---- RETRO §2.6: how much of retrieval's gain is copying ----------------------------------
 @nnx.jit
 def _token_losses(model, tokens_BxT1, **inputs):
@@ -96,9 +144,9 @@ def chunk_losses(model, windows, chunk_size: int, batch_size: int = 8,
 
     Chunk u's tokens are the targets of positions u·M - 1 .. u·M + M - 2, exactly the
     positions that read chunk u-1's neighbours (RETRO §2.4), so a chunk's loss pairs with
-    the overlap between it and those neighbours (``retrieval.chunk_overlap``). Chunk 0 has
+    the overlap between it and those neighbours (``chunk_overlap``). Chunk 0 has
     no neighbours before it and is left out. ``windows``: a dict of ``tokens`` [N, T+1] and
-    ``neighbours`` (``retrieval.neighbour_windows``), or tokens alone for a model without
+    ``neighbours`` (``retro_data.neighbour_windows``), or tokens alone for a model without
     retrieval; ``retrieval=False`` evaluates a RETRO model with retrieval off.
     """
     tokens = windows["tokens"] if isinstance(windows, dict) else windows
@@ -119,8 +167,7 @@ def chunk_losses(model, windows, chunk_size: int, batch_size: int = 8,
 def target_overlap(windows: dict, chunk_size: int) -> np.ndarray:
     """r(C) of every window's chunks u = 1 .. C-1, [N, C-1], paired with ``chunk_losses``:
     the longest token run chunk u shares with any neighbour of chunk u-1 (the neighbours its
-    tokens are predicted with), over the chunk size (RETRO §2.6; ``retrieval.chunk_overlap``)."""
-    from palmlite.retrieval import chunk_overlap
+    tokens are predicted with), over the chunk size (RETRO §2.6; ``chunk_overlap``)."""
     tokens, nbr_NxCxJxR, M = windows["tokens"], windows["neighbours"], chunk_size
     N, C = nbr_NxCxJxR.shape[:2]
     chunks_NxCxM = tokens[:, :C * M].reshape(N, C, M)

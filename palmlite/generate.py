@@ -259,13 +259,13 @@ def generate(model, tokenizer, prompt: str | list[str], *, max_new_tokens: int =
 
     Generation stops at EOS, at any token id in ``stop`` and at any string in ``stop``
     (the text is cut before it). temperature=0 decodes greedily. A RETRO model needs
-    ``retrieve`` (``retrieval.RetroData.retrieve``: chunk ids -> neighbours), or
+    ``retrieve`` (``retro_data.RetroData.retrieve``: chunk ids -> neighbours), or
     ``retrieve=False`` to generate with retrieval off; each prompt then decodes alone
     (``retro_generate_tokens``).
     """
     if model.cfg.retro is not None and retrieve is None:
         raise ValueError("a RETRO model (cfg.retro) generates with retrieval: pass retrieve= "
-                         "(palmlite.retrieval.RetroData.retrieve), or retrieve=False for "
+                         "(palmlite.retro_data.RetroData.retrieve), or retrieve=False for "
                          "retrieval off")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     stops = [stop] if isinstance(stop, (int, str)) else list(stop or ())

@@ -14,8 +14,6 @@ model would be handed the text it must predict.
     db = ChunkDatabase(train, chunk_size=64)                 # the training split, in chunks
     retriever = Retriever(db, "bm25")       # or Retriever(db, "model:RUN_DIR", "ivfpq:256:16")
     nbrs = precompute_neighbours(retriever, train, k=2, seq_len=512)   # cached on disk
-    batches = NeighbourBatches(train.batches(16, 512), nbrs, db, length=128)
-    batch = batches.get(step)       # tokens B x (T+1), neighbours B x C x J x R
 
 What palmlite does the same way, and what differently:
 
@@ -31,15 +29,13 @@ What palmlite does the same way, and what differently:
 - ``precompute_neighbours``: every chunk of a split gets its J neighbours, excluding (for the
   training split) every database chunk whose text or continuation touches a document of
   the query's whole training window, so a neighbour is never a later part of the sequence.
-- ``NeighbourBatches``: ``Batches`` with each chunk's neighbour values, a pure function of
-  (seed, step) like the batches themselves. ``for_training(retro, tc, train, valid)`` puts
-  it all together for a RETRO run, as its RetroConfig and TrainConfig say.
-- ``chunk_overlap``: RETRO's leakage measure (§2.6), r(C), the longest token substring a chunk
-  shares with any of its neighbours, as a fraction of the chunk. Losses reported over
-  chunks with r(C) <= alpha separate retrieval from copying.
 
-Shapes are in the names: Q queries, M chunk size, J neighbours, R neighbour length, C chunks
-per sequence, N database chunks, D key width, B batch, T sequence length, V vocabulary.
+What a run does with the neighbours is elsewhere: ``palmlite.retro_data`` attaches their
+values to batches and evaluation windows (``NeighbourBatches``, ``for_training``), and
+``palmlite.evaluate`` measures leakage (``chunk_overlap``, RETRO §2.6).
+
+Shapes are in the names: Q queries, M chunk size, N database chunks, D key width, V
+vocabulary.
 """
 
 from __future__ import annotations
@@ -59,9 +55,7 @@ from palmlite.search import (BM25Index, FaissIndex, _fingerprint, _positive_int,
                              parse_index_spec)
 
 __all__ = ["ChunkDatabase", "BM25Embedder", "ModelEmbedder", "make_embedder", "BM25Index",
-           "FaissIndex", "parse_index_spec", "Retriever", "precompute_neighbours",
-           "NeighbourBatches", "neighbour_windows", "RetroData", "for_training",
-           "longest_common_substring", "chunk_overlap"]
+           "FaissIndex", "parse_index_spec", "Retriever", "precompute_neighbours"]
 FORMAT_VERSION = 1
 
 
@@ -406,183 +400,3 @@ def _neighbours_of(retriever, dataset, chunk_ids, k, seq_len, exclude) -> np.nda
             keys[~known] = index.embed(queries[~known])
         return index.search_keys(keys, k, lo, hi)
     return index.search(queries, k, lo, hi)
-
-
-# ---- batches with neighbours ------------------------------------------------------------
-class NeighbourBatches:
-    """``Batches`` plus each chunk's neighbour values: ``get(step)`` -> dict(tokens=int32
-    [B, T+1], exactly ``batches.get(step)``, neighbours=int32 [B, C, J, R]), C = T / M chunks,
-    J = the neighbours' k, R = ``length``. A pure function of (seed, step)."""
-
-    def __init__(self, batches, neighbours, db: ChunkDatabase, length: int):
-        m = db.chunk_size
-        self.batches, self.db, self.length = batches, db, _positive_int("length", length)
-        if batches.seq_len % m:
-            raise ValueError(f"batches.seq_len={batches.seq_len} must be a multiple of the "
-                             f"chunk size M={m}")
-        n_chunks = len(batches.dataset) // m
-        if np.ndim(neighbours) != 2 or len(neighbours) != n_chunks:
-            raise ValueError(f"neighbours must be [{n_chunks}, k] (one row per chunk of the "
-                             "batches' dataset: precompute_neighbours), got "
-                             f"{np.shape(neighbours)}")
-        self.neighbours, self.chunks_per_window = neighbours, batches.seq_len // m
-
-    dataset = property(lambda self: self.batches.dataset)
-    batch_size = property(lambda self: self.batches.batch_size)
-    seq_len = property(lambda self: self.batches.seq_len)
-
-    def epoch(self, step: int) -> float:
-        return self.batches.epoch(step)
-
-    def get(self, step: int, rows: slice = slice(None)) -> dict:
-        tokens_BxT1 = self.batches.get(step, rows)
-        windows_B = self.batches.window_starts(step, rows) // self.batches.seq_len
-        return dict(tokens=tokens_BxT1, neighbours=self._values(windows_B))
-
-    def _values(self, windows_B: np.ndarray) -> np.ndarray:
-        C = self.chunks_per_window
-        chunk_ids_BxC = windows_B[:, None] * C + np.arange(C)
-        ids_BxCxJ = np.asarray(self.neighbours[chunk_ids_BxC.ravel()]).reshape(
-            *chunk_ids_BxC.shape, -1)
-        return self.db.values(ids_BxCxJ, self.length)
-
-    def __iter__(self):
-        step = 0
-        while True:
-            yield self.get(step)
-            step += 1
-
-
-def neighbour_windows(dataset, neighbours, db: ChunkDatabase, seq_len: int, length: int,
-                      max_windows: int | None = None) -> dict:
-    """dict(tokens=[N, T+1], neighbours=[N, C, J, R]): ``dataset.windows(seq_len)`` (consecutive
-    windows, for evaluation) and their chunks' neighbour values."""
-    seq_len, m = _positive_int("seq_len", seq_len), db.chunk_size
-    if seq_len % m:
-        raise ValueError(f"seq_len={seq_len} must be a multiple of the chunk size M={m}")
-    if np.ndim(neighbours) != 2 or len(neighbours) != len(dataset) // m:
-        raise ValueError(f"neighbours must be [{len(dataset) // m}, k] (precompute_neighbours "
-                         f"of this dataset), got {np.shape(neighbours)}")
-    tokens = dataset.windows(seq_len, max_windows)
-    C = seq_len // m
-    chunk_ids_NxC = np.arange(len(tokens))[:, None] * C + np.arange(C)
-    ids = np.asarray(neighbours[chunk_ids_NxC.ravel()]).reshape(len(tokens), C, -1)
-    return dict(tokens=tokens, neighbours=db.values(ids, length))
-
-
-# ---- a RETRO run's retrieval ------------------------------------------------------------------
-class RetroData:
-    """What a RETRO run retrieves with (``for_training``): the training split's database, its
-    retriever, every training chunk's neighbours (same-document ones excluded), and
-    ``windows``/``batches`` that attach neighbour values. ``seconds``: the time of each step."""
-
-    def __init__(self, retro, tc, train_ds, val_ds):
-        start = time.perf_counter()
-        self.retro, self.seq_len, self.train_ds = retro, tc.seq_len, train_ds
-        self.db = ChunkDatabase(train_ds, retro.chunk_size, tc.retrieval_db_fraction,
-                                seed=tc.split_seed)
-        database_s = time.perf_counter() - start
-        self.retriever = Retriever(self.db, tc.retrieval, tc.retrieval_index)
-        self.seconds = dict(database=database_s, **self.retriever.seconds)
-        self._neighbours = {}  # computed (or read from the cache) when first asked for
-
-    def neighbours(self, dataset, seq_len: int) -> np.memmap:
-        """[len(dataset) // M, J] database ids (cached): the training split's with its
-        windows' documents excluded, any other split's (validation) without exclusion."""
-        own = dataset.meta == self.train_ds.meta
-        key = (json.dumps(dataset.meta, sort_keys=True), seq_len if own else None)
-        if key not in self._neighbours:
-            start = time.perf_counter()
-            self._neighbours[key] = precompute_neighbours(
-                self.retriever, dataset, self.retro.n_neighbours, seq_len,
-                exclude_same_documents=own)
-            name = "train" if own else dataset.split
-            self.seconds[f"{name} neighbours"] = time.perf_counter() - start
-        return self._neighbours[key]
-
-    def windows(self, dataset, seq_len: int, max_windows: int | None = None) -> dict:
-        """``neighbour_windows`` of ``dataset`` (evaluation): tokens and neighbour values."""
-        return neighbour_windows(dataset, self.neighbours(dataset, seq_len), self.db, seq_len,
-                                 self.retro.neighbour_len, max_windows)
-
-    def batches(self, batches) -> NeighbourBatches:
-        return NeighbourBatches(batches, self.neighbours(batches.dataset, batches.seq_len),
-                                self.db, self.retro.neighbour_len)
-
-    def retrieve(self, chunks_BxM: np.ndarray) -> np.ndarray:
-        """int32 [B, J, R]: the neighbour values of each chunk (no exclusion: a generated
-        chunk has no document), what ``generate.retro_generate_tokens`` calls every M tokens."""
-        ids_BxJ = self.retriever.search(np.asarray(chunks_BxM), self.retro.n_neighbours)
-        return self.db.values(ids_BxJ, self.retro.neighbour_len).astype(np.int32)
-
-    @classmethod
-    def of_run(cls, info: dict) -> "RetroData":
-        """The retrieval a run trained with, rebuilt from its config.json (``info``)."""
-        from palmlite.config import ModelConfig
-        from palmlite.train import datasets
-        from palmlite.train_config import TrainConfig
-        cfg, tc = ModelConfig.from_dict(info["model"]), TrainConfig.from_dict(info["train"])
-        _, _, train_ds, val_ds = datasets(tc)
-        return cls(cfg.retro, tc, train_ds, val_ds)
-
-    def to_dict(self) -> dict:
-        """For a run's config.json."""
-        return dict(retriever=f"{self.retriever.embedder.name}, {self.retriever.index_spec}",
-                    fingerprint=self.retriever.fingerprint, chunks=len(self.db),
-                    chunk_size=self.db.chunk_size, fraction=self.db.fraction,
-                    neighbours=self.retro.n_neighbours, neighbour_len=self.retro.neighbour_len,
-                    seconds={k: round(v, 3) for k, v in self.seconds.items()})
-
-    def __repr__(self) -> str:
-        return f"RetroData({self.retriever!r}, {self.retro.n_neighbours} neighbours per chunk)"
-
-
-def for_training(retro, tc, train_ds, val_ds) -> RetroData:
-    """The retrieval of a RETRO run: ``retro`` (a RetroConfig: chunk size, neighbours,
-    continuation) and ``tc`` (a TrainConfig: ``retrieval`` keys, ``retrieval_index``,
-    ``retrieval_db_fraction``, ``seq_len``; the database's document subset is drawn with
-    ``split_seed``, so every training seed reads the same database)."""
-    return RetroData(retro, tc, train_ds, val_ds)
-
-
-# ---- leakage (RETRO §2.6) -----------------------------------------------------------------
-def _longest_common_runs(a_QxM: np.ndarray, b_QxJxR: np.ndarray) -> np.ndarray:
-    """int [Q, J]: the longest run of consecutive tokens a[q] shares with each b[q, j].
-    Dynamic programming over a's positions, vectorised over queries, neighbours and b's
-    positions: run[j, r] = run_prev[j, r - 1] + 1 where a[i] == b[j, r], else 0."""
-    Q, M = a_QxM.shape
-    J, R = b_QxJxR.shape[1:]
-    best = np.zeros((Q, J), np.int64)
-    run = np.zeros((Q, J, R + 1), np.int32)  # column 0: the empty prefix
-    for i in range(M):
-        same = a_QxM[:, i, None, None] == b_QxJxR
-        run[..., 1:] = np.where(same, run[..., :-1] + 1, 0)
-        np.maximum(best, run.max(-1), out=best)
-    return best
-
-
-def longest_common_substring(a_tokens, b_tokens) -> int:
-    """The length of the longest run of consecutive tokens shared by two token sequences."""
-    a, b = np.asarray(a_tokens), np.asarray(b_tokens)
-    if a.ndim != 1 or b.ndim != 1:
-        raise ValueError(f"a_tokens and b_tokens must be 1-d token sequences, got shapes "
-                         f"{a.shape} and {b.shape}")
-    if not a.size or not b.size:
-        return 0
-    return int(_longest_common_runs(a[None], b[None, None])[0, 0])
-
-
-def chunk_overlap(chunks_QxM, neighbour_values_QxJxR) -> np.ndarray:
-    """float [Q]: RETRO's r(C) (§2.6), the longest token substring each chunk shares with any
-    of its neighbours, divided by the chunk size M. r(C) <= 0.125 at M = 64: fewer than 8
-    consecutive tokens in common."""
-    chunks, values = np.asarray(chunks_QxM), np.asarray(neighbour_values_QxJxR)
-    if chunks.ndim != 2 or values.ndim != 3 or values.shape[0] != chunks.shape[0]:
-        raise ValueError(f"chunks_QxM must be [Q, M] and neighbour_values_QxJxR [Q, J, R] with "
-                         f"one Q, got {chunks.shape} and {values.shape}")
-    if not chunks.size or not values.shape[1] or not values.shape[2]:
-        return np.zeros(chunks.shape[0])
-    step = max(1, 2**24 // max(1, values[0].size))  # queries per block: bounded memory
-    runs = np.concatenate([_longest_common_runs(chunks[i:i + step], values[i:i + step])
-                           for i in range(0, len(chunks), step)])
-    return runs.max(1) / chunks.shape[1]

@@ -244,8 +244,8 @@ def _train(cfg: ModelConfig, tc: TrainConfig, run_dir: Path | None, resume: bool
     batches = train_ds.batches(tc.batch_size, tc.seq_len, seed=tc.seed)
     val_windows, retrieved = None, None
     if cfg.retro is not None:  # RETRO: every chunk's neighbours, searched once and cached
-        from palmlite import retrieval  # faiss and bm25s load only for RETRO
-        retrieved = retrieval.for_training(cfg.retro, tc, train_ds, val_ds)
+        from palmlite import retro_data  # faiss and bm25s load only for RETRO
+        retrieved = retro_data.for_training(cfg.retro, tc, train_ds, val_ds)
         batches = retrieved.batches(batches)
         val_windows = retrieved.windows(val_ds, tc.seq_len, tc.eval_batches * tc.batch_size)
 

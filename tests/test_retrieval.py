@@ -1,5 +1,6 @@
 """RETRO's retrieval side: the chunk database, BM25 and dense keys, faiss search, the
-neighbour cache, batches with neighbours, and the leakage measure (palmlite.retrieval)."""
+neighbour cache (palmlite.retrieval), batches with neighbours (palmlite.retro_data), and the
+leakage measure (palmlite.evaluate)."""
 
 import math
 from pathlib import Path
@@ -9,10 +10,10 @@ import pytest
 
 from palmlite.corpora import Corpus
 from palmlite.data import TokenDataset
-from palmlite.retrieval import (BM25Index, ChunkDatabase, FaissIndex, ModelEmbedder,
-                                NeighbourBatches, Retriever, chunk_overlap,
-                                longest_common_substring, neighbour_windows,
+from palmlite.evaluate import chunk_overlap, longest_common_substring
+from palmlite.retrieval import (BM25Index, ChunkDatabase, FaissIndex, ModelEmbedder, Retriever,
                                 parse_index_spec, precompute_neighbours)
+from palmlite.retro_data import NeighbourBatches, neighbour_windows
 from palmlite.tokenizer import ByteTokenizer
 
 M, SEQ_LEN = 8, 32  # 4 chunks per window
@@ -293,7 +294,7 @@ def test_neighbour_windows_follow_the_evaluation_windows(train):
 
 def test_for_training_is_what_a_retro_run_reads(train):
     from palmlite.config import RetroConfig
-    from palmlite.retrieval import for_training
+    from palmlite.retro_data import for_training
     from palmlite.train_config import TrainConfig
     valid = TokenDataset(toy_corpus(), ByteTokenizer(), split="validation", val_fraction=0.2)
     retro = RetroConfig(chunk_size=M, n_neighbours=2)

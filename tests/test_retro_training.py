@@ -83,10 +83,10 @@ def test_retrofit_refuses_a_base_with_another_decoder(corpus, tmp_path):
 
 
 def test_leakage_curve_at_alpha_one_is_the_mean_chunk_loss(corpus):
-    from palmlite import retrieval
+    from palmlite import retro_data
     tc = config(corpus)
     _, _, train_ds, val_ds = datasets(tc)
-    data = retrieval.for_training(RETRO.retro, tc, train_ds, val_ds)
+    data = retro_data.for_training(RETRO.retro, tc, train_ds, val_ds)
     windows = data.windows(val_ds, 32)
     model = retro.retrofit(Transformer(BASE.replace(vocab_size=259), rngs=nnx.Rngs(0)),
                            RETRO.retro)
@@ -118,7 +118,7 @@ def test_cli_trains_a_retro_run_and_generates_with_its_database(corpus, tmp_path
     assert cli.main(generate_args) == 0 and capsys.readouterr().out.strip()
     assert cli.main(generate_args + ["--no-retrieval"]) == 0 and capsys.readouterr().out.strip()
     model, tokenizer, info = load_run(run)
-    from palmlite.retrieval import RetroData
+    from palmlite.retro_data import RetroData
     data = RetroData.of_run(info)  # the run's own database, keys and index
     assert data.retriever.fingerprint == info["retrieval"]["fingerprint"]
     chunk = data.db.chunks(np.array([5]))
