@@ -46,9 +46,10 @@ def normal_param(rngs: nnx.Rngs, cfg: ModelConfig, shape: tuple[int, ...],
 def matmul(x_xNxI: jax.Array, w_xIxO: jax.Array) -> jax.Array:
     """x · w over N rows (tokens), batched over any leading axes the two share, with the
     backward pass written out: the weight gradient transposes the narrower of x and the
-    output gradient. Left to autodiff, XLA:CPU transposes the N x O output gradient, fused into the elementwise op that made it (a GELU's or SwiGLU's
-    backward) at ~10 ns an element: a SwiGLU FFN's forward + backward at 2048 x 128 -> 512
-    took 42 ms that way and 14 ms this way (benchmarks/NOTES.md). The same products, so the
+    output gradient. Left to autodiff, XLA:CPU transposes the N x O output gradient, fused
+    into the elementwise op that made it (a GELU's or SwiGLU's backward) at ~10 ns an
+    element: a SwiGLU FFN's forward + backward at 2048 x 128 -> 512 took 42 ms that way
+    and 14 ms this way (benchmarks/NOTES.md). The same products, so the
     same gradients (tests/test_layers.py)."""
     return x_xNxI @ w_xIxO
 
